@@ -1,0 +1,17 @@
+"""pytest set-up for the whole repository (unit tests and the notebooks run by nbval).
+
+Environment variables set here reach the notebook kernels nbval starts.
+"""
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+
+# Real MNIST lives beside the repository (../shared/data) on the build machines; the
+# package reads its data root from NAIVEDIFFUSION_DATA. Tests never download.
+os.environ.setdefault("NAIVEDIFFUSION_DATA", str((REPO / ".." / "shared" / "data").resolve()))
+# The smallest compute budget: every notebook runs in seconds to a minute.
+os.environ.setdefault("NAIVEDIFFUSION_BUDGET", "ci")
+# Headless plotting.
+os.environ.setdefault("MPLBACKEND", "Agg")

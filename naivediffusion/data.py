@@ -1,0 +1,237 @@
+"""Datasets, scaled to [-1, 1] at the boundary.
+
+DDPM assumes "image data consists of integers in {0, 1, ..., 255} scaled linearly
+to [-1, 1]" (Ho et al. 2020, Sec. 3.3, the text around Eq. 13). That scaling
+happens here, once, when an image leaves the dataset; `viz.to_uint8` undoes it
+when an image is saved. Everything in between lives in [-1, 1].
+
+    load_dataset("mnist")            # torchvision MNIST, 1 x 28 x 28
+    load_dataset("fashion-mnist")    # torchvision FashionMNIST, 1 x 28 x 28
+    load_dataset("cifar10")          # torchvision CIFAR10, 3 x 32 x 32, random flips
+    load_dataset("folder:~/faces")   # any images PIL reads, 3 x 64 x 64 by default
+
+The torchvision sets are looked for under a data root (the `root` argument, else
+the environment variable NAIVEDIFFUSION_DATA, else a cache folder) in
+torchvision's own layout, and downloaded there when they are missing.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+FOLDER_PREFIX = "folder:"
+FOLDER_IMAGE_SIZE = 64  # default side length for a folder of images of any size
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a dataset, and where torchvision keeps it."""
+
+    channels: int
+    image_size: int  # native side length (images are square)
+    num_classes: int
+    classes: tuple[str, ...]
+    torchvision_class: str  # the class in torchvision.datasets that reads it
+    folder: str  # its folder under the data root, in torchvision's layout
+    files: tuple[str, ...]  # the files torchvision needs in that folder
+    flip: bool  # random horizontal flips while training
+
+
+_IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+DATASETS = {
+    "mnist": DatasetInfo(
+        channels=1,
+        image_size=28,
+        num_classes=10,
+        classes=tuple(str(digit) for digit in range(10)),
+        torchvision_class="MNIST",
+        folder="MNIST/raw",
+        files=_IDX_FILES,
+        flip=False,  # a mirrored digit is not a digit
+    ),
+    "fashion-mnist": DatasetInfo(
+        channels=1,
+        image_size=28,
+        num_classes=10,
+        classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        torchvision_class="FashionMNIST",
+        folder="FashionMNIST/raw",
+        files=_IDX_FILES,
+        flip=False,
+    ),
+    "cifar10": DatasetInfo(
+        channels=3,
+        image_size=32,
+        num_classes=10,
+        classes=("airplane", "automobile", "bird", "cat", "deer",
+                 "dog", "frog", "horse", "ship", "truck"),
+        torchvision_class="CIFAR10",
+        folder="cifar-10-batches-py",
+        files=tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta"),
+        flip=True,  # "We used random horizontal flips during training for CIFAR10" (Appendix B)
+    ),
+}
+
+VALID_NAMES = (*DATASETS, FOLDER_PREFIX + "PATH")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The data is not on disk and could not be fetched; the message says where and what to do."""
+
+
+def default_data_root() -> Path:
+    """Where datasets live when no root is given.
+
+    The environment variable NAIVEDIFFUSION_DATA if it is set (offline machines point
+    it at a folder prepared in torchvision's layout), else
+    `$XDG_CACHE_HOME/naivediffusion/data` (`~/.cache/naivediffusion/data`).
+    """
+    if os.environ.get("NAIVEDIFFUSION_DATA"):
+        return Path(os.environ["NAIVEDIFFUSION_DATA"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "naivediffusion" / "data"
+
+
+def dataset_info(name: str, image_size: int | None = None) -> tuple[int, int, int]:
+    """(channels, image_size, num_classes) of the images `load_dataset(name, ...)` yields.
+
+    A folder of images is 3 channels, `image_size` (default 64) and one class.
+    """
+    if name.startswith(FOLDER_PREFIX):
+        return 3, image_size or FOLDER_IMAGE_SIZE, 1
+    info = _lookup(name)
+    return info.channels, image_size or info.image_size, info.num_classes
+
+
+def scale_to_unit_interval(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [C, H, W] in 0..255 -> float32 in [-1, 1]: x / 127.5 - 1 (Sec. 3.3).
+
+    0 maps to -1 and 255 to 1 exactly; the 256 levels stay 2/255 apart, the bin
+    width of the discrete decoder of Eq. 13.
+    """
+    return x.to(torch.float32) / 127.5 - 1.0
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    train: bool = True,
+    image_size: int | None = None,
+    download: bool = True,
+    augment: bool = True,
+) -> Dataset:
+    """A dataset of (image float32 [C, H, W] in [-1, 1], label int).
+
+    name: "mnist", "fashion-mnist", "cifar10" or "folder:PATH".
+    root: the data root for the torchvision sets (default: `default_data_root()`).
+    train: the training split, else the test split (a folder has only one).
+    image_size: side length; None keeps the native size of a torchvision set
+        (28 or 32) and gives 64 for a folder.
+    download: fetch a missing torchvision set from the internet. Files already on
+        disk are used as they are, so this never re-downloads.
+    augment: random horizontal flips for the datasets the paper flips (CIFAR-10),
+        in the training split only; False turns them off, e.g. for evaluation.
+    """
+    if name.startswith(FOLDER_PREFIX):
+        return ImageFolder(name[len(FOLDER_PREFIX):], image_size or FOLDER_IMAGE_SIZE)
+
+    info = _lookup(name)
+    steps = []
+    if image_size is not None and image_size != info.image_size:
+        steps.append(transforms.Resize((image_size, image_size)))
+    if info.flip and train and augment:
+        steps.append(transforms.RandomHorizontalFlip())
+    # PILToTensor keeps the integers 0..255, so the scaling below is exactly the paper's.
+    steps += [transforms.PILToTensor(), transforms.Lambda(scale_to_unit_interval)]
+
+    root = Path(root).expanduser() if root is not None else default_data_root()
+    dataset_class = getattr(torchvision.datasets, info.torchvision_class)
+    try:
+        return dataset_class(
+            str(root), train=train, transform=transforms.Compose(steps), download=download
+        )
+    except (RuntimeError, OSError) as err:
+        # torchvision raises RuntimeError for missing or corrupt files and a
+        # RuntimeError or URLError (an OSError) when a download fails.
+        raise DatasetNotFoundError(_missing_message(name, info, root, download, err)) from err
+
+
+def _lookup(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        valid = ", ".join(f'"{n}"' for n in VALID_NAMES)
+        raise ValueError(f'unknown dataset "{name}"; choose one of {valid}')
+    return DATASETS[name]
+
+
+def _missing_message(
+    name: str, info: DatasetInfo, root: Path, download: bool, err: Exception
+) -> str:
+    where = root / info.folder
+    if download:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = lines[-1] if lines else type(err).__name__
+        problem = f"could not be downloaded ({reason})"
+        fix = "connect to the internet and run again to download it, or put"
+    else:
+        problem = "downloading is off"
+        fix = "allow downloading with internet access, or put"
+    return (
+        f"{name} not found in {where} and {problem}; {fix} {', '.join(info.files)} "
+        f"in that folder, or point NAIVEDIFFUSION_DATA (or --data-root) at a data root "
+        f"that holds {info.folder}/."
+    )
+
+
+class ImageFolder(Dataset):
+    """Every image PIL can read under `path` (subfolders included), label 0.
+
+    Each image is converted to RGB (grayscale is repeated into three channels, an
+    alpha channel is dropped), its shorter side resized to `image_size`, centre-
+    cropped to a square and scaled to [-1, 1]. Files are read when indexed, in
+    sorted order.
+    """
+
+    def __init__(self, path: str | os.PathLike, image_size: int = FOLDER_IMAGE_SIZE):
+        self.path = Path(path).expanduser()
+        if not self.path.is_dir():
+            raise DatasetNotFoundError(
+                f"folder {self.path} does not exist or is not a folder; "
+                f'give an existing folder of images as "folder:PATH"'
+            )
+        Image.init()  # registers every format PIL knows, so its extensions are listed
+        readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+        self.files = sorted(
+            p for p in self.path.rglob("*") if p.suffix.lower() in readable and p.is_file()
+        )
+        if not self.files:
+            raise DatasetNotFoundError(
+                f"no images in {self.path} or its subfolders; add image files "
+                f"(.png, .jpg, ...) or pick another folder"
+            )
+        self.image_size = image_size
+        self.transform = transforms.Compose([
+            transforms.Resize(image_size),  # an int resizes the shorter side
+            transforms.CenterCrop(image_size),
+            transforms.PILToTensor(),
+            transforms.Lambda(scale_to_unit_interval),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        with Image.open(self.files[index]) as image:
+            return self.transform(image.convert("RGB")), 0
