@@ -13,5 +13,3 @@ REPO = Path(__file__).resolve().parent
 os.environ.setdefault("NAIVEDIFFUSION_DATA", str((REPO / ".." / "shared" / "data").resolve()))
 # The smallest compute budget: every notebook runs in seconds to a minute.
 os.environ.setdefault("NAIVEDIFFUSION_BUDGET", "ci")
-# Headless plotting.
-os.environ.setdefault("MPLBACKEND", "Agg")

@@ -9,6 +9,7 @@ The package that the chapters of the NaiveDiffusion book add up to:
     images = diffusion.sample(model, (16, 1, 28, 28))
 """
 
+from . import data, schedule, viz
 from .budget import Budget, get_budget, pick_device
 from .diffusion import Diffusion
 from .unet import UNet

@@ -90,15 +90,15 @@ class Diffusion:
             (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
         )
 
-        # Reverse-process variance sigma_t^2 (Sec. 3.2). For "beta" the first entry is
-        # the posterior variance of step 1: sampling adds no noise at t = 0 anyway, and
-        # the likelihood's decoder L_0 then uses a sensible width (as the reference code).
+        # Reverse-process variance sigma_t^2 (Sec. 3.2). The first entry matters only for
+        # the likelihood's decoder L_0 (sampling adds no noise at t = 0); for both choices
+        # it is the posterior variance of the next step, as in the reference code, so that
+        # the decoder has a sensible width, and the variance always equals exp(log-variance).
         if variance == "beta":
-            self.model_variance = torch.cat([self.posterior_variance[1:2], betas[1:]])
-            self.model_log_variance = torch.log(self.model_variance)
+            self.model_log_variance = torch.log(torch.cat([self.posterior_variance[1:2], betas[1:]]))
         else:
-            self.model_variance = self.posterior_variance
             self.model_log_variance = self.posterior_log_variance_clipped
+        self.model_variance = torch.exp(self.model_log_variance)
 
         self._tables_by_device: dict[torch.device, dict[str, Tensor]] = {}
 
