@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import textwrap
 from pathlib import Path
 
 import torch
@@ -78,7 +79,7 @@ def show_source(obj) -> None:
     In a notebook (the book, Colab, Jupyter) it is displayed as a highlighted Python
     block; elsewhere it is printed.
     """
-    source = inspect.getsource(obj)
+    source = textwrap.dedent(inspect.getsource(obj))
     try:
         from IPython import get_ipython
         from IPython.display import Markdown, display

@@ -1,0 +1,776 @@
+"""Training: L_simple (Eq. 14, Algorithm 1) at scale, with the engineering around it.
+
+Algorithm 1 of DDPM is four lines: draw x_0, draw t and eps, take a gradient step
+on ||eps - eps_theta(x_t, t)||^2, repeat. Turning it into a run that gives good
+samples, survives a crashed session and can be repeated bit for bit needs more:
+
+- `TrainConfig`: every setting, with per-dataset defaults (CIFAR-10: the paper's).
+- AdamW with a linear learning-rate warm-up and gradient clipping (Appendix B).
+- An exponential moving average (EMA) of the weights, which is what we sample from.
+- Mixed precision (bf16, or fp16 with a gradient scaler), channels_last and
+  `torch.compile` on a GPU.
+- Batches in a reproducible, resumable order; checkpoints written atomically and
+  loaded with `torch.load(weights_only=True)`, so a checkpoint cannot run code.
+- A guard that stops training at the first non-finite loss.
+
+    config = TrainConfig.for_dataset("mnist", steps=2000, run_dir="runs/mnist")
+    Trainer(config).train()                          # runs/mnist/{log.jsonl, samples/, checkpoint.pt, ema.pt}
+    Trainer.resume("runs/mnist", steps=4000).train()  # continue the same run
+    model, diffusion, info = load_model("runs/mnist/ema.pt")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pickle
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from . import viz
+from .budget import pick_device
+from .data import FOLDER_PREFIX, dataset_info, load_dataset
+from .diffusion import Diffusion
+from .unet import UNet
+
+CHECKPOINT_FORMAT = "naivediffusion"
+CHECKPOINT_VERSION = 1
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a naivediffusion checkpoint, is damaged, or was refused."""
+
+
+class TrainingDivergedError(ValueError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+# ------------------------------------------------------------------ settings
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. Build one with `TrainConfig.for_dataset`.
+
+    The field defaults are the paper's CIFAR-10 run (Ho et al. 2020, Appendix B).
+    All values are plain Python data, so `dataclasses.asdict(config)` goes into a
+    checkpoint that `torch.load(weights_only=True)` can read.
+    """
+
+    dataset: str  # "mnist", "fashion-mnist", "cifar10" or "folder:PATH"
+    model: str = "ddpm-cifar10"  # a preset name of `UNet.PRESETS`
+    model_overrides: dict = field(default_factory=dict)  # UNet arguments, e.g. {"base_channels": 64}
+    image_size: int | None = None  # None: the dataset's own size
+    steps: int = 800_000
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup_steps: int = 5000  # linear learning-rate warm-up
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
+    dropout: float | None = None  # None: the preset's
+    weight_decay: float = 0.0  # AdamW with no weight decay is the paper's Adam
+    timesteps: int = 1000
+    schedule: str = "linear"
+    objective: str = "eps"
+    variance: str = "beta"
+    precision: str = "auto"  # "auto", "fp32", "bf16" or "fp16"
+    compile: bool = False  # torch.compile the network
+    device: str = "auto"  # "auto", "cpu", "cuda" or "mps"
+    seed: int = 0
+    run_dir: str | None = None  # None: runs/<dataset>
+    log_every: int = 100
+    sample_every: int = 10_000
+    checkpoint_every: int = 5_000
+    num_sample_images: int = 64
+    sample_steps: int = 50  # DDIM steps for the sample grids written while training
+    num_workers: int | None = None  # None: 0 on a CPU, up to 4 with CUDA
+    data_root: str | None = None  # None: $NAIVEDIFFUSION_DATA, else a cache folder
+
+    def __post_init__(self):
+        if self.run_dir is None:
+            self.run_dir = str(Path("runs") / _dataset_slug(self.dataset))
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
+        for name in ("steps", "warmup_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be at least 0; got {getattr(self, name)}")
+        for name in ("batch_size", "log_every", "sample_every", "checkpoint_every",
+                     "num_sample_images", "sample_steps", "timesteps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive; got {self.lr}")
+
+    @classmethod
+    def for_dataset(cls, name: str, **overrides) -> TrainConfig:
+        """The default settings for dataset `name`, with any field overridden."""
+        if name.startswith(FOLDER_PREFIX):
+            defaults = DATASET_DEFAULTS["cifar10"]
+        elif name in DATASET_DEFAULTS:
+            defaults = DATASET_DEFAULTS[name]
+        else:
+            choices = ", ".join([*DATASET_DEFAULTS, FOLDER_PREFIX + "PATH"])
+            raise ValueError(f"unknown dataset {name!r}; choose one of {choices}")
+        return cls(dataset=name, **{**defaults, **overrides})
+
+
+# CIFAR-10: the paper, Appendix B. MNIST: meant to give clean digits in about 10 minutes on
+# a Colab T4. The 1.6M-parameter "mnist" preset costs about 240 GFLOPs per step at batch 128
+# (forward + backward), a few milliseconds of tensor-core time; the step is bound instead by
+# launching its ~1,000 small kernels from Python (even an H200 runs only ~19 steps/s in bf16),
+# so a T4 under fp16 should manage roughly 15-20 steps/s: 10,000 steps (21 epochs) in about
+# 10 minutes. The digits are already clean after 5,000 steps. A small network tolerates a
+# larger learning rate than the paper's 35.7M one, which matters in a run this short (5e-4
+# reached a lower loss than 2e-4 at every point of a 5,000-step comparison); 500 warm-up steps
+# keep Adam's first updates, made while its variance estimates are still poor, small. EMA
+# 0.999 averages over roughly the last 1,000 steps; the paper's 0.9999 would average over
+# most of so short a run (and without the warm-up still hold 37% of the initial weights).
+_MNIST = dict(
+    model="mnist", steps=10_000, batch_size=128, lr=5e-4, warmup_steps=500, grad_clip=1.0,
+    ema_decay=0.999, log_every=50, sample_every=1000, checkpoint_every=1000,
+)
+DATASET_DEFAULTS: dict[str, dict] = {
+    "mnist": _MNIST,
+    "fashion-mnist": _MNIST,
+    "cifar10": dict(
+        model="ddpm-cifar10", steps=800_000, batch_size=128, lr=2e-4, warmup_steps=5000,
+        grad_clip=1.0, ema_decay=0.9999, dropout=0.1, log_every=100, sample_every=10_000,
+        checkpoint_every=5_000,
+    ),
+}
+
+# Settings a resumed run may change: where and how fast it runs, not what it learns.
+RESUMABLE_FIELDS = frozenset({
+    "steps", "device", "precision", "compile", "num_workers", "data_root", "run_dir",
+    "log_every", "sample_every", "checkpoint_every", "num_sample_images", "sample_steps",
+})
+
+
+def _dataset_slug(name: str) -> str:
+    if name.startswith(FOLDER_PREFIX):
+        return Path(name[len(FOLDER_PREFIX):]).expanduser().name or "folder"
+    return name
+
+
+def derive_seed(seed: int, *keys) -> int:
+    """A 63-bit seed for one random stream of a run, e.g. derive_seed(seed, "epoch", 3).
+
+    Each stream (the order of epoch e, the noise of the loss, the sample grids) gets its
+    own generator, so drawing more from one never shifts another.
+    """
+    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bf16" on GPUs that have it (Ampere and later), "fp16" on older ones such
+    as the T4, "fp32" on CPU and MPS. An explicit choice is checked against the device."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        # Ask the hardware: is_bf16_supported() also says yes where bf16 is only emulated (slowly).
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"--precision fp16 needs a CUDA GPU (the device is {device.type}); "
+                         "use fp32 or bf16")
+    if precision == "bf16" and device.type == "mps":
+        raise ValueError("--precision bf16 is not supported on MPS; use fp32")
+    return precision
+
+
+# ------------------------------------------------------- the pieces of a step
+
+
+def ema_update_fn(decay: float, warmup: bool = True):
+    """The averaging rule for `torch.optim.swa_utils.AveragedModel`:
+    ema <- d * ema + (1 - d) * weights, with d = min(decay, (1 + n) / (10 + n)) after n updates.
+
+    The warm-up (as in TensorFlow's ExponentialMovingAverage with num_updates) lets the
+    average forget the random initial weights quickly: with d = 0.9999 from the start it
+    would still hold 37% of them after 10,000 steps, and early samples would be noise.
+    """
+
+    @torch.no_grad()
+    def update(ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor) -> None:
+        n = int(num_averaged)
+        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        if ema_params[0].is_floating_point():
+            torch._foreach_lerp_(ema_params, params, 1.0 - d)  # ema += (1 - d) * (w - ema)
+        else:  # integer buffers (counters) are copied, not averaged
+            torch._foreach_copy_(ema_params, params)
+
+    return update
+
+
+def linear_warmup(warmup_steps: int):
+    """Learning-rate factor after `step` optimizer steps: rises linearly to 1 over warmup_steps."""
+
+    def factor(step: int) -> float:
+        return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+
+    return factor
+
+
+class EpochBatchSampler(Sampler):
+    """Batches of indices forever: epoch e visits the dataset in the order of a
+    `torch.randperm` seeded from (seed, e), in `num_samples // batch_size` full batches
+    (the incomplete last batch is dropped, so every step sees `batch_size` images).
+
+    Starting at (epoch, position) continues an interrupted run exactly where it stopped,
+    with no need to replay the batches before it.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int = 0, position: int = 0):
+        if num_samples < batch_size:
+            raise ValueError(f"the dataset has {num_samples} images, fewer than one batch of "
+                             f"{batch_size}; use a smaller --batch-size")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.epoch, self.position = epoch, position
+        self.batches_per_epoch = num_samples // batch_size
+
+    def order(self, epoch: int) -> Tensor:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def __iter__(self):
+        epoch, position = self.epoch, self.position
+        while True:
+            order = self.order(epoch)
+            for i in range(position, self.batches_per_epoch):
+                yield order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
+            epoch, position = epoch + 1, 0
+
+
+# ----------------------------------------------------------------- checkpoints
+
+
+def save_atomic(obj, path: str | os.PathLike) -> Path:
+    """torch.save `obj` to `path` so that `path` always holds a complete file.
+
+    The bytes go to a temporary file in the same folder, are forced to disk, and then
+    `os.replace` swaps it in, which is atomic: a crash or a kill at any moment leaves
+    either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _describe_file(path: Path) -> str:
+    """What kind of file `path` is, judged by its first bytes: "torch", "pickle" or "other"."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":
+        return "torch"  # torch.save writes a zip archive (maybe a truncated one)
+    return "pickle" if head[:1] == b"\x80" else "other"  # pickle protocol 2+ starts with 0x80
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read and check a naivediffusion checkpoint (checkpoint.pt or ema.pt, or a run folder).
+
+    Always `torch.load(..., weights_only=True)`: only tensors and plain data are unpickled,
+    so a file that would run code when loaded is refused instead of executed.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        CheckpointError: not a checkpoint, damaged, refused, or not written by naivediffusion.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = [path / name for name in ("checkpoint.pt", "ema.pt") if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"no checkpoint.pt or ema.pt in the folder {path}; give a run "
+                                    "folder that training has written to, or the file itself")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {path}; check the path, or train a model first "
+            "(python -m naivediffusion train --dataset mnist writes runs/mnist/ema.pt)"
+        )
+    kind = _describe_file(path)
+    if kind == "other":
+        raise CheckpointError(f"{path} is not a naivediffusion checkpoint: not a file written by "
+                              "torch.save; give the checkpoint.pt or ema.pt of a training run")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about unusual pickle protocols
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} refused: it contains code objects (Python objects other than tensors and "
+            "plain data, which could run code when loaded); only checkpoints written by "
+            "naivediffusion load"
+        ) from err
+    except Exception as err:  # zip, pickle and storage errors of a truncated or damaged file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path} is damaged or truncated and cannot be read ({reason}); "
+                              "use another checkpoint or train again") from err
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        what = f"a dict with keys {sorted(map(str, checkpoint))[:6]}" if isinstance(checkpoint, dict) \
+            else f"a {type(checkpoint).__name__}"
+        raise CheckpointError(f"{path} is not a naivediffusion checkpoint (it holds {what}); give "
+                              "the checkpoint.pt or ema.pt written by python -m naivediffusion train")
+    if checkpoint.get("version", 0) > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer naivediffusion (checkpoint version "
+                              f"{checkpoint['version']}); upgrade the package to load it")
+    checkpoint["path"] = str(path)
+    return checkpoint
+
+
+def unwrap_state_dict(state: dict) -> dict[str, Tensor]:
+    """The plain UNet weights inside the state of an AveragedModel and/or a compiled model:
+    drops "n_averaged" and the "module." / "_orig_mod." prefixes they add."""
+    weights = {}
+    for key, value in state.items():
+        if key == "n_averaged":
+            continue
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        weights[key] = value
+    return weights
+
+
+def load_model(path: str | os.PathLike, device="cpu", ema: bool = True) -> tuple[UNet, Diffusion, dict]:
+    """Rebuild the trained network and its diffusion process from a checkpoint.
+
+    Args:
+        path: a checkpoint.pt, an ema.pt, or a run folder.
+        device: where to put the model.
+        ema: the EMA weights (what DDPM samples from) rather than the raw ones.
+    Returns:
+        (model in eval mode, diffusion, info) where info holds "step", "image_shape"
+        [C, H, W], "train_config", "model_config", "diffusion_config", "kind" and "path".
+    """
+    checkpoint = load_checkpoint(path)
+    path = checkpoint["path"]
+    key = "ema" if ema else "model"
+    if key not in checkpoint:
+        raise CheckpointError(f"{path} holds no {'EMA' if ema else 'raw'} weights (it is a "
+                              f"{checkpoint.get('kind')!r} file); use the run's checkpoint.pt")
+    try:
+        model = UNet(**checkpoint["model_config"])
+        diffusion = Diffusion(**checkpoint["diffusion_config"])
+        model.load_state_dict(unwrap_state_dict(checkpoint[key]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path}: its weights do not fit the model it describes ({reason}); "
+                              "the file was written for another model or edited") from err
+    model.to(device).eval()
+    channels = checkpoint["model_config"]["in_channels"]
+    size = checkpoint["model_config"]["image_size"]
+    info = {
+        "path": path,
+        "kind": checkpoint.get("kind"),
+        "step": checkpoint.get("step"),
+        "image_shape": list(checkpoint.get("image_shape", [channels, size, size])),
+        "train_config": checkpoint.get("train_config"),
+        "model_config": checkpoint["model_config"],
+        "diffusion_config": checkpoint["diffusion_config"],
+    }
+    return model, diffusion, info
+
+
+# ------------------------------------------------------------------ the trainer
+
+
+class Trainer:
+    """Everything a run needs, built from a `TrainConfig`; `train()` runs it.
+
+    Writes into config.run_dir:
+    - log.jsonl: every `log_every` steps a line {"step", "loss" (mean since the last line),
+      "lr", "images_per_sec", "elapsed" (seconds spent in training steps so far)};
+    - samples/step_NNNNNN.png: a grid from the EMA model every `sample_every` steps;
+    - checkpoint.pt: the latest full state, every `checkpoint_every` steps and at the end;
+    - ema.pt, at the end: the EMA weights and the configs only, the file to ship.
+    A new Trainer refuses a run_dir that already holds a checkpoint; `Trainer.resume`
+    continues it.
+    """
+
+    def __init__(self, config: TrainConfig, *, checkpoint: dict | None = None):
+        self.config = config
+        self.run_dir = Path(config.run_dir).expanduser()
+        self.checkpoint_path = self.run_dir / "checkpoint.pt"
+        if checkpoint is None and self.checkpoint_path.exists():
+            raise ValueError(f"{self.run_dir} already holds a checkpoint{_step_of(self.checkpoint_path)}; "
+                             "pass --resume to continue it (Trainer.resume in Python) or choose "
+                             "another --run-dir")
+        self.device = pick_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            # TF32 matrix multiplies: float32 range with a 10-bit mantissa, much faster on
+            # Ampere and later, and accurate enough for training.
+            torch.set_float32_matmul_precision("high")
+        # Tensor-core convolutions want channels last (NHWC) in memory.
+        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
+        torch.manual_seed(config.seed)  # the initial weights, and dropout from here on
+
+        # The network: a preset, sized to the data. The preset's image_size stays the
+        # reference for its attention resolutions; the size the data has is checked here,
+        # before any data is read.
+        channels, size, _ = dataset_info(config.dataset, config.image_size)
+        self.image_shape = (channels, size, size)
+        overrides = dict(in_channels=channels, **config.model_overrides)
+        if config.dropout is not None:
+            overrides["dropout"] = config.dropout
+        self.model = UNet.from_preset(config.model, **overrides)
+        self.model.check_size(size, size)
+        self.model.to(self.device, memory_format=self.memory_format)
+        self.network = torch.compile(self.model) if config.compile else self.model
+        self.ema = AveragedModel(self.model, multi_avg_fn=ema_update_fn(config.ema_decay, config.ema_warmup),
+                                 use_buffers=True)
+        self.ema.eval()  # it is only ever sampled from
+
+        self.diffusion = Diffusion(config.timesteps, config.schedule, config.objective, config.variance)
+        self.dataset = load_dataset(config.dataset, root=config.data_root, train=True,
+                                    image_size=config.image_size)
+        self.batches_per_epoch = len(self.dataset) // config.batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"the dataset has {len(self.dataset)} images, fewer than one batch of "
+                             f"{config.batch_size}; use a smaller --batch-size")
+
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = LambdaLR(self.optimizer, linear_warmup(config.warmup_steps))
+        # fp16 has a narrow range: small gradients underflow to 0 unless the loss is scaled
+        # up first (and the gradients scaled back down before the step). bf16 does not need it.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        # t and eps of the loss come from their own generator, dropout from the global one.
+        self.noise_generator = torch.Generator(device=self.device)
+        self.noise_generator.manual_seed(derive_seed(config.seed, "noise"))
+
+        self.step = 0
+        self.epoch, self.position = 0, 0  # where the next batch comes from
+        self.elapsed = 0.0  # seconds spent in training steps, over all sessions of the run
+        self.last_checkpoint: tuple[Path, int] | None = None
+        if checkpoint is not None:
+            self.load_state_dict(checkpoint)
+
+    @classmethod
+    def resume(cls, run_dir: str | os.PathLike, **overrides) -> Trainer:
+        """Continue the run in `run_dir` from its checkpoint.pt, with its saved settings.
+
+        Only the settings in RESUMABLE_FIELDS may change, for instance a larger `steps`.
+        """
+        path = Path(run_dir).expanduser() / "checkpoint.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"nothing to resume: {path} does not exist; drop --resume to "
+                                    "start a new run there, or give the --run-dir of an existing run")
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
+        if unknown:
+            raise TypeError(f"unknown TrainConfig fields: {', '.join(sorted(unknown))}")
+        checkpoint = load_checkpoint(path)
+        try:
+            config = TrainConfig(**checkpoint["train_config"])
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(f"{path} holds no training settings this version can read "
+                                  f"({err}); start a new run") from err
+        changed = sorted(k for k, v in overrides.items() if getattr(config, k) != v)
+        fixed = [k for k in changed if k not in RESUMABLE_FIELDS]
+        if fixed:
+            was = ", ".join(f"{k}={getattr(config, k)!r}" for k in fixed)
+            raise ValueError(f"cannot change {', '.join(fixed)} when resuming (the run has {was}); "
+                             "start a new run in another --run-dir to change them")
+        config = dataclasses.replace(config, **{**overrides, "run_dir": str(run_dir)})
+        if config.steps < checkpoint["step"]:
+            raise ValueError(f"{path} is already at step {checkpoint['step']}, past --steps "
+                             f"{config.steps}; pass a larger --steps to train further")
+        return cls(config, checkpoint=checkpoint)
+
+    # ---------------------------------------------------------------- one step
+
+    def predict(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """The network eps_theta(x_t, t) under mixed precision.
+
+        Autocast covers only the network: the forward process q_sample and the squared
+        error stay float32, and `Diffusion.loss` casts the output back to float32.
+        """
+        x_t = x_t.contiguous(memory_format=self.memory_format)
+        if self.amp_dtype is None:
+            return self.network(x_t, t)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype):
+            return self.network(x_t, t)
+
+    def train_step(self, x0: Tensor) -> Tensor:
+        """One step of Algorithm 1 on a batch x0 [B, C, H, W] in [-1, 1]; returns the loss (0-dim)."""
+        x0 = x0.to(self.device, non_blocking=True)
+        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=self.device,
+                          generator=self.noise_generator)
+        noise = torch.randn(x0.shape, device=self.device, generator=self.noise_generator)
+        loss = self.diffusion.loss(self.predict, x0, t=t, noise=noise)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.config.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not scaled ones
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)  # skipped by the scaler if fp16 gradients overflowed
+        self.scaler.update()
+        self.scheduler.step()
+        self.ema.update_parameters(self.model)
+        return loss.detach()
+
+    def batches(self):
+        """An endless iterator of image batches [B, C, H, W], from the current data position."""
+        cfg = self.config
+        sampler = EpochBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed, self.epoch, self.position)
+        if cfg.num_workers is not None:
+            workers = cfg.num_workers
+        else:
+            workers = min(4, os.cpu_count() or 1) if self.device.type == "cuda" else 0
+        loader = DataLoader(
+            self.dataset, batch_sampler=sampler, num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            # The loader seeds its workers from this generator; without one it would draw
+            # from the global generator and shift dropout's random stream.
+            generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "workers", self.step)),
+        )
+        for images, _ in loader:
+            yield images
+
+    def _advance_data_position(self) -> None:
+        self.position += 1
+        if self.position == self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+
+    # -------------------------------------------------------------- the loop
+
+    def train(self, progress: bool = True) -> dict:
+        """Train up to `config.steps`; log, sample and checkpoint along the way.
+
+        Returns:
+            {"step", "loss" (mean over the last log interval), "checkpoint", "ema",
+            "samples" (the last grid), "elapsed" (seconds)}.
+        Raises:
+            TrainingDivergedError: the loss became NaN or infinite. Nothing is saved after
+                that; the last checkpoint is left as it was.
+        """
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._trim_log()
+        batches = self.batches()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, unit="step",
+                   desc=f"train {cfg.dataset}", dynamic_ncols=True)
+        interval_loss, interval_steps, interval_time = 0.0, 0, 0.0
+        record, grid = None, None
+        try:
+            while self.step < cfg.steps:
+                start = time.perf_counter()
+                loss = self.train_step(next(batches)).item()
+                self.step += 1
+                self._advance_data_position()
+                if not math.isfinite(loss):
+                    raise TrainingDivergedError(self._divergence_message(loss))
+                seconds = time.perf_counter() - start
+                self.elapsed += seconds
+                interval_loss, interval_steps, interval_time = (
+                    interval_loss + loss, interval_steps + 1, interval_time + seconds)
+                bar.update(1)
+
+                last = self.step == cfg.steps
+                if self.step % cfg.log_every == 0 or last:
+                    record = {
+                        "step": self.step,
+                        "loss": interval_loss / interval_steps,
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "images_per_sec": interval_steps * cfg.batch_size / interval_time,
+                        "elapsed": round(self.elapsed, 3),
+                    }
+                    with open(self.run_dir / "log.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}",
+                                    img_s=f"{record['images_per_sec']:.0f}")
+                    interval_loss, interval_steps, interval_time = 0.0, 0, 0.0
+                if self.step % cfg.sample_every == 0 or last:
+                    grid = self.save_samples()
+                if self.step % cfg.checkpoint_every == 0 or last:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            batches.close()  # stops the loader's worker processes
+        if self.last_checkpoint is None or self.last_checkpoint[1] != self.step:
+            self.save_checkpoint()
+        ema_path = self.save_ema()
+        return {
+            "step": self.step,
+            "loss": record["loss"] if record else None,
+            "checkpoint": str(self.checkpoint_path),
+            "ema": str(ema_path),
+            "samples": str(grid) if grid else None,
+            "elapsed": self.elapsed,
+        }
+
+    def _divergence_message(self, loss: float) -> str:
+        if self.last_checkpoint is None:
+            kept = "no checkpoint had been saved yet"
+        else:
+            path, step = self.last_checkpoint
+            kept = f"the last good checkpoint, {path} (step {step}), is left untouched"
+        fix = ("try --precision bf16 or fp32, or " if self.precision == "fp16" else "try ")
+        return (f"training diverged: the loss is {loss} at step {self.step}; {kept}; {fix}"
+                f"a lower --lr (now {self.config.lr:g}) in a new --run-dir")
+
+    def _trim_log(self) -> None:
+        """Keep only log lines up to the current step: a resumed run rewrites what came after
+        its checkpoint, and a new run starts a new log."""
+        path = self.run_dir / "log.jsonl"
+        if not path.exists():
+            return
+        keep = []
+        if self.step > 0:
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    if json.loads(line)["step"] <= self.step:
+                        keep.append(line + "\n")
+        path.write_text("".join(keep))
+
+    @torch.no_grad()
+    def sample(self, n: int | None = None, steps: int | None = None) -> Tensor:
+        """n images [n, C, H, W] in [-1, 1] from the EMA model with DDIM (fast: `sample_steps`
+        steps rather than T). The same starting noise every time, so grids from successive
+        steps show the same images taking shape."""
+        n = n or self.config.num_sample_images
+        steps = min(steps or self.config.sample_steps, self.diffusion.num_timesteps)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(derive_seed(self.config.seed, "samples"))
+        return self.diffusion.sample(self.ema.module, (n, *self.image_shape), sampler="ddim",
+                                     steps=steps, generator=generator, progress=False,
+                                     device=self.device)
+
+    def save_samples(self) -> Path:
+        """Save a grid of EMA samples to run_dir/samples/step_NNNNNN.png."""
+        images = self.sample()
+        path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
+        return viz.save_grid(images, path, nrow=math.ceil(math.sqrt(images.shape[0])))
+
+    # -------------------------------------------------------------- state
+
+    def _rng_state(self) -> dict:
+        state = {"torch": torch.get_rng_state(), "noise": self.noise_generator.get_state(),
+                 "device_type": self.device.type, "device": None}
+        if self.device.type == "cuda":
+            state["device"] = torch.cuda.get_rng_state(self.device)
+        elif self.device.type == "mps":
+            state["device"] = torch.mps.get_rng_state()
+        return state
+
+    def _set_rng_state(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        if state["device_type"] != self.device.type:
+            # Generator states differ between device types: continue with fresh streams.
+            self.noise_generator.manual_seed(derive_seed(self.config.seed, "noise", self.step))
+            return
+        self.noise_generator.set_state(state["noise"])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["device"], self.device)
+        elif self.device.type == "mps":
+            torch.mps.set_rng_state(state["device"])
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue the run exactly: a checkpoint."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "kind": "checkpoint",
+            "step": self.step,
+            "data_position": {"epoch": self.epoch, "position": self.position},
+            "elapsed": self.elapsed,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": self._rng_state(),
+            "train_config": dataclasses.asdict(self.config),
+            "model_config": self.model.config,
+            "diffusion_config": self.diffusion.config,
+            "image_shape": list(self.image_shape),
+        }
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.ema.load_state_dict(checkpoint["ema"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.scaler.is_enabled() and checkpoint["scaler"]:
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.step = checkpoint["step"]
+        self.epoch = checkpoint["data_position"]["epoch"]
+        self.position = checkpoint["data_position"]["position"]
+        self.elapsed = checkpoint["elapsed"]
+        self._set_rng_state(checkpoint["rng"])
+        self.last_checkpoint = (Path(checkpoint.get("path", self.checkpoint_path)), self.step)
+
+    def save_checkpoint(self) -> Path:
+        """Write run_dir/checkpoint.pt atomically (see `save_atomic`)."""
+        save_atomic(self.state_dict(), self.checkpoint_path)
+        self.last_checkpoint = (self.checkpoint_path, self.step)
+        return self.checkpoint_path
+
+    def save_ema(self) -> Path:
+        """Write run_dir/ema.pt: the EMA weights with the configs that rebuild the model."""
+        weights = {k: v.detach().cpu().contiguous()
+                   for k, v in unwrap_state_dict(self.ema.state_dict()).items()}
+        release = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "kind": "ema",
+            "step": self.step,
+            "ema": weights,
+            "train_config": dataclasses.asdict(self.config),
+            "model_config": self.model.config,
+            "diffusion_config": self.diffusion.config,
+            "image_shape": list(self.image_shape),
+        }
+        return save_atomic(release, self.run_dir / "ema.pt")
+
+
+def _step_of(path: Path) -> str:
+    """ " at step N" for the checkpoint at `path`, or "" if it cannot be read."""
+    try:
+        return f" at step {load_checkpoint(path)['step']}"
+    except (ValueError, KeyError, OSError):
+        return ""
+
+
+def pretrained(name: str = "mnist") -> Path:
+    """Path of a model that ships with the package (``naivediffusion/pretrained/NAME.pt``).
+
+    Its provenance (the command, hardware and time that made it) is in NAME.json beside it.
+    """
+    path = Path(__file__).resolve().parent / "pretrained" / f"{name}.pt"
+    if not path.exists():
+        shipped = sorted(p.stem for p in path.parent.glob("*.pt"))
+        raise FileNotFoundError(f"no pretrained model {name!r}; shipped: {', '.join(shipped) or 'none'}")
+    return path

@@ -1,0 +1,221 @@
+"""The command line end to end: `train` and `sample` on real MNIST with a tiny network,
+and one line on stderr (no traceback, exit status 2) for each kind of bad input."""
+
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from naivediffusion.__main__ import build_parser, main
+
+STEPS = 5
+TINY = ["--base-channels", "8", "--timesteps", "50", "--batch-size", "8", "--device", "cpu",
+        "--log-every", "1", "--num-sample-images", "4", "--no-progress"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks gain nothing from threads, and on a busy 2-core machine OpenMP threads
+    that wait for each other make a step up to 100 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_args(run_dir, *extra) -> list[str]:
+    return ["train", "--dataset", "mnist", "--steps", str(STEPS), "--run-dir", str(run_dir),
+            "--sample-every", "3", "--checkpoint-every", "3", *TINY, *extra]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished 5-step run made by `naivediffusion train`."""
+    path = tmp_path_factory.mktemp("cli") / "runs" / "tiny"
+    assert main(train_args(path)) == 0
+    return path
+
+
+def grid_size(n: int, nrow: int, side: int = 28, padding: int = 2) -> tuple[int, int]:
+    """(width, height) of a grid of n square tiles, nrow per row, `padding` pixels around each."""
+    rows = math.ceil(n / nrow)
+    return padding + nrow * (side + padding), padding + rows * (side + padding)
+
+
+def assert_one_line_error(capsys, code: int, *words: str) -> str:
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+# ------------------------------------------------------------------ train
+
+
+def test_train_writes_the_run_folder(run_dir):
+    assert {p.name for p in run_dir.iterdir()} == {"checkpoint.pt", "ema.pt", "log.jsonl", "samples"}
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    for r in records:
+        assert set(r) == {"step", "loss", "lr", "images_per_sec", "elapsed"}
+        assert math.isfinite(r["loss"]) and r["images_per_sec"] > 0
+    assert [r["elapsed"] for r in records] == sorted(r["elapsed"] for r in records)
+    grids = sorted(p.name for p in (run_dir / "samples").iterdir())
+    assert grids == ["step_000003.png", "step_000005.png"]  # every 3 steps, and the last
+    assert Image.open(run_dir / "samples" / grids[0]).size == grid_size(4, 2)
+    release = torch.load(run_dir / "ema.pt", weights_only=True)
+    assert release["kind"] == "ema" and release["step"] == STEPS
+
+
+def test_train_refuses_to_overwrite_a_run(run_dir, capsys):
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    code = main(train_args(run_dir))
+    assert_one_line_error(capsys, code, f"already holds a checkpoint at step {STEPS}", "--resume")
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+
+
+def test_train_resume_raises_the_step_count(tmp_path):
+    path = tmp_path / "run"
+    assert main(train_args(path)) == 0
+    assert main(["train", "--resume", "--run-dir", str(path), "--steps", str(STEPS + 2),
+                 "--no-progress"]) == 0
+    records = [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 3))
+    assert torch.load(path / "ema.pt", weights_only=True)["step"] == STEPS + 2
+
+
+# ------------------------------------------------------------------ sample
+
+
+def test_sample_writes_a_grid_and_uint8_samples(run_dir, tmp_path):
+    out, raw = tmp_path / "grid.png", tmp_path / "samples.pt"
+    assert main(["sample", "--checkpoint", str(run_dir / "ema.pt"), "--n", "5", "--steps", "4",
+                 "--out", str(out), "--save-samples", str(raw), "--batch-size", "2",
+                 "--no-progress"]) == 0
+    assert Image.open(out).size == grid_size(5, 3)  # 3 per row: ceil(sqrt(5))
+    samples = torch.load(raw, weights_only=True)
+    assert samples.dtype == torch.uint8 and samples.shape == (5, 1, 28, 28)
+    assert samples.float().std() > 0
+
+    # the same seed (and batch size) draws the same images, from ema.pt or the run folder alike
+    again = tmp_path / "again.pt"
+    assert main(["sample", "--checkpoint", str(run_dir), "--n", "5", "--steps", "4", "--nrow", "5",
+                 "--out", str(tmp_path / "row.png"), "--save-samples", str(again),
+                 "--batch-size", "2", "--no-progress"]) == 0
+    assert torch.equal(torch.load(again, weights_only=True), samples)
+    assert Image.open(tmp_path / "row.png").size == grid_size(5, 5)
+
+
+def test_sample_with_the_ddpm_sampler(run_dir, tmp_path):
+    assert main(["sample", "--checkpoint", str(run_dir / "checkpoint.pt"), "--n", "2",
+                 "--sampler", "ddpm", "--out", str(tmp_path / "g.png"), "--no-progress"]) == 0
+    assert Image.open(tmp_path / "g.png").size == grid_size(2, 2)
+
+
+# ------------------------------------------------------------------ bad inputs
+
+
+def test_unknown_dataset(tmp_path, capsys):
+    code = main(["train", "--dataset", "mnsit", "--run-dir", str(tmp_path / "r"), *TINY])
+    assert_one_line_error(capsys, code, "unknown dataset", "mnist", "cifar10")
+    assert not (tmp_path / "r").exists()
+
+
+def test_image_size_the_network_cannot_take(tmp_path, capsys):
+    code = main(["train", "--dataset", "mnist", "--image-size", "30",
+                 "--run-dir", str(tmp_path / "r"), *TINY])
+    assert_one_line_error(capsys, code, "multiples of 4", "30x30", "32x32")
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    code = main(["sample", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "g.png")])
+    assert_one_line_error(capsys, code, "no checkpoint at", "nope.pt")
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_resume_without_a_checkpoint(tmp_path, capsys):
+    code = main(["train", "--resume", "--run-dir", str(tmp_path / "empty"), "--no-progress"])
+    assert_one_line_error(capsys, code, "nothing to resume")
+
+
+def test_a_foreign_torch_file(tmp_path, capsys):
+    torch.save({"state_dict": {"weight": torch.randn(3, 3)}}, tmp_path / "foreign.pt")
+    code = main(["sample", "--checkpoint", str(tmp_path / "foreign.pt")])
+    assert_one_line_error(capsys, code, "not a naivediffusion checkpoint")
+
+
+def test_a_text_file_named_pt(tmp_path, capsys):
+    (tmp_path / "notes.pt").write_text("these are my notes\n")
+    code = main(["sample", "--checkpoint", str(tmp_path / "notes.pt")])
+    assert_one_line_error(capsys, code, "not a naivediffusion checkpoint", "notes.pt")
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_that_runs_code(tmp_path, capsys):
+    marker = tmp_path / "code_ran"
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"format": "naivediffusion", "payload": RunsCode(marker)}, f)
+    code = main(["sample", "--checkpoint", str(tmp_path / "evil.pt")])
+    assert_one_line_error(capsys, code, "refused")
+    assert not marker.exists()
+
+
+def test_a_checkpoint_of_another_model(run_dir, tmp_path, capsys):
+    release = torch.load(run_dir / "ema.pt", weights_only=True)
+    release["model_config"]["channel_mults"] = [1, 2]
+    torch.save(release, tmp_path / "other.pt")
+    code = main(["sample", "--checkpoint", str(tmp_path / "other.pt")])
+    assert_one_line_error(capsys, code, "do not fit the model")
+
+
+def test_ddpm_sampler_with_steps(run_dir, capsys):
+    code = main(["sample", "--checkpoint", str(run_dir), "--sampler", "ddpm", "--steps", "10"])
+    assert_one_line_error(capsys, code, "ddim")
+
+
+# ------------------------------------------------------------------ help and entry point
+
+
+def test_help_gives_every_flag_a_default():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    for name in ("train", "sample"):
+        sub = subparsers.choices[name]
+        text = sub.format_help()
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.option_strings[0] in text
+            assert "default" in action.help or "required" in action.help, (name, action.dest)
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    """A real process: `python -m naivediffusion` runs main() and returns its exit status."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-m", "naivediffusion", "sample", "--checkpoint", str(tmp_path / "no.pt")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error: no checkpoint at") and "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, "-m", "naivediffusion", "--help"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and "train" in done.stdout and "sample" in done.stdout

@@ -1,0 +1,371 @@
+"""Tests of naivediffusion.train: settings, EMA, batching, checkpoints, resume, the NaN guard.
+
+Every run uses a tiny network (the "mnist" preset with 8 base channels), T = 50 and a
+few steps of batch 8 on real MNIST, so each takes a second or two on a CPU.
+"""
+
+import dataclasses
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from torch.optim.swa_utils import AveragedModel
+
+from naivediffusion import Diffusion, UNet
+from naivediffusion.train import (
+    CheckpointError,
+    EpochBatchSampler,
+    TrainConfig,
+    Trainer,
+    TrainingDivergedError,
+    ema_update_fn,
+    linear_warmup,
+    load_checkpoint,
+    load_model,
+    resolve_precision,
+    save_atomic,
+    unwrap_state_dict,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks gain nothing from threads, and on a busy 2-core machine OpenMP threads
+    that wait for each other make a step up to 100 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(run_dir, **overrides) -> TrainConfig:
+    settings = dict(
+        steps=4, batch_size=8, timesteps=50, model_overrides={"base_channels": 8},
+        log_every=1, sample_every=1000, checkpoint_every=1000, num_sample_images=4,
+        sample_steps=5, device="cpu", data_root=os.environ["NAIVEDIFFUSION_DATA"],
+        run_dir=str(run_dir),
+    )
+    return TrainConfig.for_dataset("mnist", **{**settings, **overrides})
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Every tensor of two (nested) state dicts is equal, bit for bit."""
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            assert_same_state(a[key], b[key])
+        elif isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A finished 4-step run: its folder holds checkpoint.pt and ema.pt."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    Trainer(tiny_config(run_dir)).train(progress=False)
+    return run_dir
+
+
+# ------------------------------------------------------------------ settings
+
+
+def test_cifar10_defaults_are_the_papers():
+    config = TrainConfig.for_dataset("cifar10")
+    assert (config.model, config.lr, config.batch_size, config.warmup_steps) == ("ddpm-cifar10", 2e-4, 128, 5000)
+    assert (config.grad_clip, config.ema_decay, config.dropout, config.steps) == (1.0, 0.9999, 0.1, 800_000)
+    assert (config.timesteps, config.schedule, config.objective) == (1000, "linear", "eps")
+    assert config.weight_decay == 0.0  # AdamW without weight decay is the paper's Adam
+
+
+def test_mnist_defaults_and_overrides():
+    config = TrainConfig.for_dataset("mnist", steps=7, lr=1e-3)
+    assert config.model == "mnist" and config.ema_warmup
+    assert (config.steps, config.lr) == (7, 1e-3)
+    assert config.run_dir == os.path.join("runs", "mnist")
+    assert TrainConfig.for_dataset("fashion-mnist").model == "mnist"
+
+
+def test_unknown_dataset_names_the_choices():
+    with pytest.raises(ValueError, match="unknown dataset 'mnsit'.*mnist.*cifar10"):
+        TrainConfig.for_dataset("mnsit")
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig.for_dataset("mnist", precision="fp8")
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig.for_dataset("mnist", ema_decay=1.0)
+
+
+def test_config_goes_through_a_weights_only_checkpoint(tmp_path):
+    config = TrainConfig.for_dataset("mnist", model_overrides={"channel_mults": [1, 2]})
+    torch.save(dataclasses.asdict(config), tmp_path / "c.pt")
+    loaded = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert TrainConfig(**loaded) == config
+
+
+def test_precision_auto_is_fp32_on_cpu_and_fp16_needs_cuda():
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", torch.device("cpu"))
+
+
+# ------------------------------------------------------- the pieces of a step
+
+
+def test_ema_warmup_follows_its_formula():
+    """After the first update copies the weights, update n (n = 1, 2, ...) uses the decay
+    min(decay, (1 + n) / (10 + n))."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = AveragedModel(model, multi_avg_fn=ema_update_fn(0.9, warmup=True), use_buffers=True)
+    expected = None
+    for n in range(40):
+        with torch.no_grad():
+            model.weight.fill_(float(n) ** 1.5)
+        ema.update_parameters(model)
+        w = float(n) ** 1.5
+        if expected is None:
+            expected = w
+        else:
+            d = min(0.9, (1 + n) / (10 + n))
+            expected = d * expected + (1 - d) * w
+        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-5)
+    # without the warm-up the decay is 0.9 from the second update on
+    ema = AveragedModel(model, multi_avg_fn=ema_update_fn(0.9, warmup=False), use_buffers=True)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+        ema.update_parameters(model)
+        model.weight.fill_(1.0)
+        ema.update_parameters(model)
+    assert ema.module.weight.item() == pytest.approx(0.1)
+
+
+def test_linear_warmup():
+    factor = linear_warmup(4)
+    assert [factor(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert linear_warmup(0)(0) == 1.0
+
+
+def test_epoch_batch_sampler_is_reproducible_and_resumable():
+    sampler = EpochBatchSampler(num_samples=23, batch_size=5, seed=3)
+    stream = iter(sampler)
+    batches = [next(stream) for _ in range(3 * 4)]  # 4 full batches per epoch, 3 dropped images
+    assert all(len(b) == 5 for b in batches)
+    epochs = [sum(batches[4 * e:4 * e + 4], []) for e in range(3)]
+    for indices in epochs:
+        assert len(set(indices)) == 20 and set(indices) <= set(range(23))
+    assert epochs[0] != epochs[1]  # a new order every epoch
+    again = iter(EpochBatchSampler(23, 5, seed=3))
+    assert [next(again) for _ in range(12)] == batches
+    # starting at (epoch 1, position 2) continues exactly there
+    resumed = iter(EpochBatchSampler(23, 5, seed=3, epoch=1, position=2))
+    assert [next(resumed) for _ in range(6)] == batches[6:12]
+    other_seed = iter(EpochBatchSampler(23, 5, seed=4))
+    assert next(other_seed) != batches[0]
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        EpochBatchSampler(4, 5, seed=0)
+
+
+# ----------------------------------------------------------------- training
+
+
+def test_run_folder_contents(trained_run):
+    assert sorted(p.name for p in trained_run.iterdir()) == ["checkpoint.pt", "ema.pt", "log.jsonl", "samples"]
+    assert [p.name for p in (trained_run / "samples").iterdir()] == ["step_000004.png"]
+    assert not list(trained_run.glob("*.tmp"))
+    checkpoint = load_checkpoint(trained_run / "checkpoint.pt")
+    assert checkpoint["step"] == 4 and checkpoint["kind"] == "checkpoint"
+    assert checkpoint["data_position"] == {"epoch": 0, "position": 4}
+    for key in ("model", "ema", "optimizer", "scheduler", "scaler", "rng", "train_config",
+                "model_config", "diffusion_config"):
+        assert key in checkpoint, key
+    assert checkpoint["model_config"]["base_channels"] == 8
+    assert checkpoint["diffusion_config"]["timesteps"] == 50
+    assert checkpoint["image_shape"] == [1, 28, 28]
+
+
+def test_seed_makes_a_cpu_run_reproducible(tmp_path):
+    states = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        trainer = Trainer(tiny_config(tmp_path / name, steps=2, seed=seed))
+        trainer.train(progress=False)
+        states.append(trainer.state_dict())
+    assert_same_state(states[0]["model"], states[1]["model"])
+    assert_same_state(states[0]["ema"], states[1]["ema"])
+    assert not torch.equal(states[0]["model"]["conv_in.weight"], states[2]["model"]["conv_in.weight"])
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    """N steps straight == N/2 steps, a checkpoint, a new process's worth of state, N/2 more."""
+    # One grid half-way in both runs: sampling must not disturb any random stream.
+    straight = Trainer(tiny_config(tmp_path / "straight", steps=6, sample_every=3))
+    straight.train(progress=False)
+
+    first = Trainer(tiny_config(tmp_path / "split", steps=3, sample_every=3))
+    first.train(progress=False)
+    torch.manual_seed(12345)  # whatever happens in between must not matter
+    second = Trainer.resume(tmp_path / "split", steps=6)
+    assert second.step == 3
+    second.train(progress=False)
+
+    a, b = straight.state_dict(), second.state_dict()
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(a["ema"], b["ema"])
+    assert_same_state(a["optimizer"]["state"], b["optimizer"]["state"])
+    assert a["data_position"] == b["data_position"]
+    lines = (tmp_path / "split" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_bf16_autocast_trains_float32_weights(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path / "bf16", steps=1, precision="bf16"))
+    result = trainer.train(progress=False)
+    assert torch.isfinite(torch.tensor(result["loss"]))
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_new_run_refuses_a_folder_with_a_checkpoint(trained_run):
+    with pytest.raises(ValueError, match="already holds a checkpoint at step 4; pass --resume"):
+        Trainer(tiny_config(trained_run))
+
+
+def test_resume_keeps_what_the_run_learned(trained_run, tmp_path):
+    with pytest.raises(ValueError, match="cannot change lr when resuming"):
+        Trainer.resume(trained_run, lr=1.0)
+    with pytest.raises(ValueError, match="already at step 4, past --steps 2"):
+        Trainer.resume(trained_run, steps=2)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        Trainer.resume(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------- checkpoints
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    Trainer(tiny_config(run_dir, steps=1)).train(progress=False)
+    before = (run_dir / "checkpoint.pt").read_bytes()
+
+    def crash(src, dst):
+        raise OSError("killed between writing the temporary file and renaming it")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="killed"):
+        Trainer.resume(run_dir, steps=2).train(progress=False)
+    monkeypatch.undo()
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+    assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 1
+    assert not list(run_dir.glob("*.tmp"))
+
+
+def test_save_atomic_replaces_the_file(tmp_path):
+    path = save_atomic({"a": torch.zeros(2)}, tmp_path / "x.pt")
+    save_atomic({"a": torch.ones(2)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+class RunsCode:
+    """Unpickling this object calls a function: here, one that creates a file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_a_checkpoint_that_runs_code_is_refused(tmp_path, writer):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pt"
+    payload = {"format": "naivediffusion", "version": 1, "x": RunsCode(marker)}
+    if writer == "pickle":
+        with open(path, "wb") as f:
+            pickle.dump(payload, f)
+    else:
+        torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="refused: it contains code objects"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_model(path)
+    assert not marker.exists()
+    # the same file loaded the unsafe way would have run the code: the test can fail
+    with open(path, "rb") as f:
+        (pickle.load(f) if writer == "pickle" else torch.load(f, weights_only=False))
+    assert marker.exists()
+
+
+def test_files_that_are_not_checkpoints(tmp_path, trained_run):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt or ema.pt in the folder"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "text.pt").write_text("hello, I am not a checkpoint\n")
+    with pytest.raises(CheckpointError, match="not a naivediffusion checkpoint"):
+        load_checkpoint(tmp_path / "text.pt")
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a naivediffusion checkpoint.*state_dict"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    data = (trained_run / "ema.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="damaged or truncated"):
+        load_checkpoint(tmp_path / "truncated.pt")
+
+
+def test_load_model_rebuilds_the_ema_network(trained_run):
+    checkpoint = load_checkpoint(trained_run / "checkpoint.pt")
+    ema_weights = unwrap_state_dict(checkpoint["ema"])
+    for source in ("checkpoint.pt", "ema.pt", ""):
+        model, diffusion, info = load_model(trained_run / source)
+        assert isinstance(model, UNet) and not model.training
+        assert isinstance(diffusion, Diffusion) and diffusion.num_timesteps == 50
+        assert info["step"] == 4 and info["image_shape"] == [1, 28, 28]
+        assert_same_state(model.state_dict(), ema_weights)
+    raw, _, _ = load_model(trained_run / "checkpoint.pt", ema=False)
+    assert_same_state(raw.state_dict(), checkpoint["model"])
+    assert not torch.equal(raw.state_dict()["conv_in.weight"], ema_weights["conv_in.weight"])
+
+
+def test_load_model_accepts_compiled_prefixes_and_rejects_misfits(trained_run, tmp_path):
+    release = load_checkpoint(trained_run / "ema.pt")
+    release.pop("path")
+    compiled = dict(release, ema={"module._orig_mod." + k: v for k, v in release["ema"].items()})
+    torch.save(compiled, tmp_path / "compiled.pt")
+    model, _, _ = load_model(tmp_path / "compiled.pt")
+    assert_same_state(model.state_dict(), release["ema"])
+
+    other = dict(release, model_config={**release["model_config"], "base_channels": 16})
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="do not fit the model"):
+        load_model(tmp_path / "other.pt")
+
+
+# ------------------------------------------------------------------ NaN guard
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    Trainer(tiny_config(run_dir, steps=2)).train(progress=False)
+    checkpoint_bytes = (run_dir / "checkpoint.pt").read_bytes()
+    ema_bytes = (run_dir / "ema.pt").read_bytes()
+
+    calls = []
+    real_loss = Diffusion.loss
+
+    def loss_that_diverges(self, *args, **kwargs):
+        calls.append(1)
+        loss = real_loss(self, *args, **kwargs)
+        return loss * float("nan") if len(calls) == 1 else loss  # step 3, the first one resumed
+
+    monkeypatch.setattr(Diffusion, "loss", loss_that_diverges)
+    # checkpoint_every=1: without the guard, step 3 would overwrite checkpoint.pt
+    trainer = Trainer.resume(run_dir, steps=6, checkpoint_every=1)
+    with pytest.raises(TrainingDivergedError, match=r"loss is nan at step 3.*checkpoint\.pt \(step 2\)"):
+        trainer.train(progress=False)
+    assert (run_dir / "checkpoint.pt").read_bytes() == checkpoint_bytes
+    assert (run_dir / "ema.pt").read_bytes() == ema_bytes
