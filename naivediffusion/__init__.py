@@ -16,4 +16,7 @@ from .unet import UNet
 
 __version__ = "0.1.0"
 
-__all__ = ["Budget", "Diffusion", "UNet", "get_budget", "pick_device", "__version__"]
+__all__ = [
+    "Budget", "Diffusion", "UNet", "data", "get_budget", "pick_device", "schedule", "viz",
+    "__version__",
+]

@@ -43,7 +43,7 @@ BUDGETS = {
                  eval_images=64, bpd_timesteps=50),
     "cpu": Budget("cpu", train_steps=600, batch_size=64, num_samples=36, sample_steps=50,
                   eval_images=256, bpd_timesteps=100),
-    "gpu": Budget("gpu", train_steps=12_000, batch_size=128, num_samples=64, sample_steps=100,
+    "gpu": Budget("gpu", train_steps=10_000, batch_size=128, num_samples=64, sample_steps=100,
                   eval_images=2_000, bpd_timesteps=1000),
 }
 
