@@ -20,3 +20,13 @@ def mnist_root() -> Path:
     if not (root / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
         pytest.fail(f"real MNIST not found under {root}; set NAIVEDIFFUSION_DATA to the data folder")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks gain nothing from threads, and on a busy 2-core machine OpenMP threads
+    that wait for each other make a step up to 100 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

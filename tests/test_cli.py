@@ -20,14 +20,7 @@ TINY = ["--base-channels", "8", "--timesteps", "50", "--batch-size", "8", "--dev
         "--log-every", "1", "--num-sample-images", "4", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from threads, and on a busy 2-core machine OpenMP threads
-    that wait for each other make a step up to 100 times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_args(run_dir, *extra) -> list[str]:

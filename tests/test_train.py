@@ -29,15 +29,7 @@ from naivediffusion.train import (
     unwrap_state_dict,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from threads, and on a busy 2-core machine OpenMP threads
-    that wait for each other make a step up to 100 times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(run_dir, **overrides) -> TrainConfig:
