@@ -183,7 +183,7 @@ def timestep_strata(num_timesteps: int, k: int) -> list[int]:
     The first stratum is {0} alone (the decoder L_0 differs from every KL term); then the
     edges grow geometrically, b_j ~ T^((j-1)/(k-1)), each stratum holding at least one
     timestep. The terms of the bound fall steeply with t, so small strata go where they
-    change fast: with T = 1000 and k = 50, t = 0..21 are single strata.
+    change fast: with T = 1000 and k = 50, t = 0..22 are single strata.
     """
     if not 1 <= k <= num_timesteps:
         raise ValueError(f"k must be from 1 to T={num_timesteps}; got {k}")
