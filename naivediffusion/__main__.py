@@ -13,7 +13,10 @@ diverged run) end with exit status 2 and one line on stderr that says what to do
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -22,14 +25,36 @@ import torch
 
 from . import viz
 from .budget import pick_device
-from .train import DATASET_DEFAULTS, TrainConfig, Trainer, load_model
+from .data import load_dataset
+from .likelihood import bits_per_dim
+from .quality import (
+    classifier_path,
+    load_classifier,
+    sample_quality,
+    save_classifier,
+    smudge_fraction,
+    train_classifier,
+)
+from .train import (
+    CPU_DEFAULTS,
+    DATASET_DEFAULTS,
+    PRETRAINED_PREFIX,
+    TrainConfig,
+    Trainer,
+    TrainingInterrupted,
+    load_model,
+    pretrained_names,
+)
 
 EXIT_USAGE = 2
 
 
 def _per_dataset(what: str, name: str) -> str:
-    """Help text for a flag whose default depends on the dataset."""
-    values = {d: DATASET_DEFAULTS[d][name] for d in ("mnist", "cifar10")}
+    """Help text for a flag whose default depends on the dataset (and, for MNIST, on whether
+    a GPU is there: see TrainConfig.for_dataset)."""
+    values = {"mnist with a GPU": DATASET_DEFAULTS["mnist"][name],
+              "mnist on a CPU": CPU_DEFAULTS["mnist"][name],
+              "cifar10": DATASET_DEFAULTS["cifar10"][name]}
     shown = ", ".join(f"{v:g} for {d}" if isinstance(v, float) else f"{v} for {d}"
                       for d, v in values.items())
     return f"{what} (default: the dataset's, e.g. {shown})"
@@ -43,7 +68,10 @@ def add_train_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a model on a dataset",
         description="Train a DDPM. Flags left out take the dataset's defaults "
-                    "(TrainConfig.for_dataset); CIFAR-10's are the paper's.",
+                    "(TrainConfig.for_dataset); CIFAR-10's are the paper's. MNIST and "
+                    "Fashion-MNIST on a machine without a GPU default to a network, batch and "
+                    "learning rate sized for a CPU (the mnist-small preset); --model mnist "
+                    "gives the full recipe there too.",
     )
     p.add_argument("--dataset", help='"mnist", "fashion-mnist", "cifar10" or "folder:PATH" '
                    "(required for a new run)")
@@ -56,11 +84,22 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, help=_per_dataset("images per step", "batch_size"))
     p.add_argument("--lr", type=float, help=_per_dataset("peak learning rate of AdamW", "lr"))
     p.add_argument("--warmup-steps", type=int, help=_per_dataset("steps of linear learning-rate warm-up", "warmup_steps"))
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"),
+                   help=_per_dataset("learning rate after the warm-up: constant, or a cosine decay "
+                                     "to 0 at the end of the run", "lr_schedule"))
+    p.add_argument("--loss-weighting", choices=("none", "min-snr"),
+                   help=_per_dataset("weight of each timestep's error: none (L_simple, Eq. 14) or "
+                                     "min-snr (Min-SNR-gamma, Hang et al. 2023)", "loss_weighting"))
+    p.add_argument("--min-snr-gamma", type=float,
+                   help=f"gamma of --loss-weighting min-snr (default: {defaults.min_snr_gamma:g})")
+    p.add_argument("--max-minutes", type=float,
+                   help="stop after this many minutes of training steps, with a final checkpoint "
+                   "and ema.pt as if --steps were reached; the learning-rate schedule plans for "
+                   "the step the measured speed reaches by then (default: no limit)")
     p.add_argument("--grad-clip", type=float, help="max gradient norm, 0 for none "
                    f"(default: {defaults.grad_clip:g})")
     p.add_argument("--ema-decay", type=float, help=_per_dataset("decay of the EMA of the weights", "ema_decay"))
-    p.add_argument("--model", help=f"UNet preset (default: the dataset's, {DATASET_DEFAULTS['mnist']['model']} "
-                   f"for mnist and {DATASET_DEFAULTS['cifar10']['model']} for cifar10)")
+    p.add_argument("--model", help=_per_dataset("UNet preset", "model"))
     p.add_argument("--base-channels", type=int,
                    help="override the preset's base channel count, e.g. 8 for a tiny, fast "
                    "network (default: the preset's)")
@@ -97,7 +136,8 @@ def add_train_parser(subparsers) -> None:
 
 # Flags of `train` that map one to one onto TrainConfig fields.
 _TRAIN_FIELDS = (
-    "dataset", "run_dir", "steps", "batch_size", "lr", "warmup_steps", "grad_clip", "ema_decay",
+    "dataset", "run_dir", "steps", "batch_size", "lr", "warmup_steps", "lr_schedule",
+    "loss_weighting", "min_snr_gamma", "max_minutes", "grad_clip", "ema_decay",
     "model", "dropout", "image_size", "timesteps", "schedule", "objective", "device",
     "precision", "compile", "seed", "log_every", "sample_every", "checkpoint_every",
     "num_sample_images", "num_workers", "data_root",
@@ -135,6 +175,9 @@ def run_train(args) -> int:
 
 # ------------------------------------------------------------------ sample
 
+_CHECKPOINT_HELP = ("a run's ema.pt or checkpoint.pt, the run folder, or a model shipped with the "
+                    f"package: {', '.join(PRETRAINED_PREFIX + n for n in pretrained_names())} (required)")
+
 
 def add_sample_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -142,7 +185,7 @@ def add_sample_parser(subparsers) -> None:
         description="Draw images with the EMA weights of a checkpoint and save them as a grid.",
     )
     p.add_argument("--checkpoint", required=True,
-                   help="a run's ema.pt or checkpoint.pt, or the run folder (required)")
+                   help=_CHECKPOINT_HELP)
     p.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim",
                    help="ddpm: Algorithm 2 over all T steps; ddim: Song et al. 2021 over --steps "
@@ -196,23 +239,166 @@ def run_sample(args) -> int:
 # ------------------------------------------------------------------ evaluate
 
 
-def add_evaluate_parser(subparsers) -> None:
-    from . import metrics
 
-    p = subparsers.add_parser(
+
+def add_train_classifier_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train-classifier", help="train the classifier behind the sample-quality score",
+        description="Train and save the feature network of quality.sample_quality (the package "
+        "ships MNIST's; this makes it for another dataset, or again).")
+    parser.add_argument("--dataset", default="mnist",
+                        help='"mnist", "fashion-mnist" or "cifar10" (default: mnist)')
+    parser.add_argument("--out", default=None,
+                        help="where to save the weights (default: the package's "
+                        "naivediffusion/assets/classifier_DATASET.pt)")
+    parser.add_argument("--epochs", type=int, default=2, help="passes over the training set (default: 2)")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of Adam (default: 0.002)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                        help="auto: cuda, else mps, else cpu (default: auto)")
+    parser.add_argument("--data-root", default=None, help="folder of the datasets "
+                        "(default: $NAIVEDIFFUSION_DATA, else ~/.cache/naivediffusion/data)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
+    parser.set_defaults(run=run_train_classifier)
+
+
+def run_train_classifier(args) -> int:
+    """Train the classifier, print its test accuracy, save it with the command that made it."""
+    if args.epochs < 1 or args.batch_size < 1:
+        raise ValueError("--epochs and --batch-size must be at least 1")
+    out = args.out or str(classifier_path(args.dataset))
+    command = (f"python -m naivediffusion train-classifier --dataset {args.dataset} "
+               f"--epochs {args.epochs} --batch-size {args.batch_size} --lr {args.lr:g} "
+               f"--seed {args.seed} --device {args.device} --out {shlex.quote(out)}")
+    classifier, info = train_classifier(args.dataset, epochs=args.epochs, batch_size=args.batch_size,
+                                        lr=args.lr, seed=args.seed, device=args.device,
+                                        root=args.data_root, progress=not args.no_progress)
+    path = save_classifier(
+        classifier, out, **info, command=command, threads=torch.get_num_threads(),
+        date=datetime.date.today().isoformat(), torch_version=str(torch.__version__),
+        parameters=sum(p.numel() for p in classifier.parameters()),
+    )
+    print(f"{args.dataset} classifier: test accuracy {info['test_accuracy']:.4f}, trained in "
+          f"{info['train_seconds']:.0f} s on {info['device']} -> {path} "
+          f"({path.stat().st_size / 1024:.0f} KiB)")
+    return 0
+
+
+def add_evaluate_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
         "evaluate", help="bits/dim or a sample-quality score of a trained model",
         description="Evaluate a checkpoint's EMA model: the variational bound in bits/dim on test "
         "images, or the Fréchet distance of its samples in the features of the package's classifier "
-        "(with the same score for real images, the floor). Prints the numbers and writes them to JSON.",
+        "(with the same score for real images, the floor) and the fraction of smudges. Prints the "
+        "numbers and writes them to JSON.",
     )
-    metrics.add_evaluate_arguments(p)
-    p.set_defaults(run=metrics.run_evaluate)
+    parser.add_argument("--checkpoint", required=True,
+                        help=_CHECKPOINT_HELP)
+    parser.add_argument("--metric", choices=("bpd", "fid"), required=True,
+                        help="bpd: the variational bound on test images in bits/dim (Eq. 5); "
+                        "fid: Fréchet distance of samples to test images in the features of the "
+                        "package's classifier, with the real-data floor (not Inception FID) (required)")
+    parser.add_argument("--n", type=int, default=1000,
+                        help="test images (bpd) or samples (fid) (default: 1000)")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim",
+                        help="fid: ddpm runs all T steps, ddim --steps (default: ddim)")
+    parser.add_argument("--steps", type=int, default=None, help="fid: DDIM steps (default: 50)")
+    parser.add_argument("--eta", type=float, default=0.0, help="fid: DDIM noise (default: 0)")
+    parser.add_argument("--timesteps", type=int, default=None,
+                        help="bpd: terms of the bound to evaluate, an unbiased stratified estimate "
+                        "when fewer than T (default: all T)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per model call (default: 256)")
+    parser.add_argument("--classifier", default=None,
+                        help="fid: classifier weights (default: the package's for the dataset)")
+    parser.add_argument("--data-root", default=None, help="folder of the datasets "
+                        "(default: the checkpoint's, else $NAIVEDIFFUSION_DATA)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                        help="auto: cuda, else mps, else cpu (default: auto)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed of the test images, noise and samples (default: 0)")
+    parser.add_argument("--out", default="metrics.json", help="JSON file for the numbers (default: metrics.json)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
+    parser.set_defaults(run=run_evaluate)
+
+
+def run_evaluate(args) -> int:
+    """Load the checkpoint's EMA model, compute the metric, print it, write it to JSON."""
+    if args.n < 2 or args.batch_size < 1:
+        raise ValueError("--n must be at least 2 and --batch-size at least 1")
+    device = pick_device(args.device)
+    model, diffusion, info = load_model(args.checkpoint, device=device, ema=True)
+    train_config = info.get("train_config") or {}
+    dataset = train_config.get("dataset")
+    if dataset is None:
+        raise ValueError(f"{info['path']} does not say which dataset the model learned")
+    root = args.data_root or train_config.get("data_root")
+    image_size = train_config.get("image_size")
+    result = {"metric": args.metric, "checkpoint": str(info["path"]), "step": info["step"],
+              "dataset": dataset, "n": args.n, "seed": args.seed, "device": str(device)}
+    start = time.perf_counter()
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    if args.metric == "bpd":
+        T = diffusion.num_timesteps
+        if args.timesteps is not None and not 1 <= args.timesteps <= T:
+            raise ValueError(f"--timesteps must be from 1 to T={T}; got {args.timesteps}")
+        test = load_dataset(dataset, root=root, train=False, image_size=image_size, augment=False)
+        if args.n > len(test):
+            raise ValueError(f"--n {args.n} is more than the {len(test)} test images of {dataset}")
+        order = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))
+        x0 = torch.stack([test[i][0] for i in order[:args.n].tolist()]).to(device)
+        bpd, terms = bits_per_dim(diffusion, model, x0, timesteps=args.timesteps,
+                                  batch_size=args.batch_size, generator=generator,
+                                  progress=not args.no_progress, return_terms=True)
+        bpd = bpd.double().cpu()
+        result.update(
+            bpd=bpd.mean().item(), bpd_standard_error=(bpd.std() / math.sqrt(len(bpd))).item(),
+            timesteps=len(terms["t"]), num_timesteps=T, diffusion_config=diffusion.config,
+            terms={"prior": terms["prior"].mean().item(), "decoder": terms["decoder"].mean().item(),
+                   "t": terms["t"].tolist(), "weights": terms["weights"].tolist(),
+                   "vb": terms["vb"].double().mean(1).cpu().tolist()},
+        )
+        how = "all" if args.timesteps in (None, T) else "a stratified estimate from"
+        summary = (f"bits/dim {result['bpd']:.4f} +- {result['bpd_standard_error']:.4f} on {args.n} "
+                   f"{dataset} test images ({how} {len(terms['t'])} of T={T} terms; prior "
+                   f"{result['terms']['prior']:.2e}, decoder L_0 {result['terms']['decoder']:.4f})")
+    else:
+        classifier = load_classifier(dataset, args.classifier, device=device)
+        steps = args.steps if args.sampler == "ddim" else None
+        if args.sampler == "ddim" and steps is None:
+            steps = min(50, diffusion.num_timesteps)
+        samples = []
+        for first in range(0, args.n, args.batch_size):
+            size = min(args.batch_size, args.n - first)
+            samples.append(diffusion.sample(model, (size, *info["image_shape"]), sampler=args.sampler,
+                                            steps=steps, eta=args.eta, generator=generator,
+                                            progress=not args.no_progress, device=device).cpu())
+        samples = torch.cat(samples)
+        scores = sample_quality(samples, dataset, classifier=classifier, seed=args.seed, root=root)
+        scores["smudges"] = smudge_fraction(samples, classifier=classifier)
+        result.update(
+            sampler=args.sampler, steps=steps or diffusion.num_timesteps, eta=args.eta, **scores,
+            score="Fréchet distance in the features of the naivediffusion classifier (not Inception FID)",
+            classifier={k: classifier.metadata.get(k) for k in ("path", "test_accuracy", "command")},
+        )
+        summary = (f"Fréchet distance (classifier features) {scores['fd']:.3f} for {args.n} samples "
+                   f"({args.sampler}, {result['steps']} steps) vs {scores['n_reference']} {dataset} "
+                   f"test images; real-data floor ({args.n} training images) {scores['fd_real']:.3f}; "
+                   f"smudges (top class probability < 0.5) {scores['smudges']:.1%}")
+
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{summary}; {result['seconds']:.0f} s -> {out}")
+    return 0
 
 
 # ------------------------------------------------------------------ main
 
 # One adder per subcommand; a new subcommand appends its own.
-SUBCOMMANDS = [add_train_parser, add_sample_parser, add_evaluate_parser]
+SUBCOMMANDS = [add_train_parser, add_sample_parser, add_evaluate_parser, add_train_classifier_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingInterrupted as stop:
+        print(f"{stop}; continue with: python -m naivediffusion train --resume --run-dir "
+              f"{shlex.quote(str(stop.checkpoint.parent))}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("interrupted; a training run continues from its last checkpoint with "
               "train --resume --run-dir DIR", file=sys.stderr)

@@ -12,7 +12,10 @@ when an image is saved. Everything in between lives in [-1, 1].
 
 The torchvision sets are looked for under a data root (the `root` argument, else
 the environment variable NAIVEDIFFUSION_DATA, else a cache folder) in
-torchvision's own layout, and downloaded there when they are missing.
+torchvision's own layout, and downloaded there when they are missing. Setting the
+environment variable NAIVEDIFFUSION_DOWNLOAD=0 turns downloading off everywhere (the
+tests and CI do, so a missing dataset fails at once with the data-root message instead
+of reaching for the network); users download by default.
 """
 
 import os
@@ -26,6 +29,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 FOLDER_PREFIX = "folder:"
+DOWNLOAD_ENV_VAR = "NAIVEDIFFUSION_DOWNLOAD"  # "0" (or "false", "no", "off"): never download
 FOLDER_IMAGE_SIZE = 64  # default side length for a folder of images of any size
 
 
@@ -92,6 +96,12 @@ class DatasetNotFoundError(FileNotFoundError):
     """The data is not on disk and could not be fetched; the message says where and what to do."""
 
 
+def downloads_allowed() -> bool:
+    """False when the environment variable NAIVEDIFFUSION_DOWNLOAD is "0", "false", "no" or
+    "off" (any case); True otherwise, including when it is not set."""
+    return os.environ.get(DOWNLOAD_ENV_VAR, "").strip().lower() not in ("0", "false", "no", "off")
+
+
 def default_data_root() -> Path:
     """Where datasets live when no root is given.
 
@@ -141,7 +151,8 @@ def load_dataset(
     image_size: side length; None keeps the native size of a torchvision set
         (28 or 32) and gives 64 for a folder.
     download: fetch a missing torchvision set from the internet. Files already on
-        disk are used as they are, so this never re-downloads.
+        disk are used as they are, so this never re-downloads. NAIVEDIFFUSION_DOWNLOAD=0
+        in the environment overrides it with False (see `downloads_allowed`).
     augment: random horizontal flips for the datasets the paper flips (CIFAR-10),
         in the training split only; False turns them off, e.g. for evaluation.
     """
@@ -158,6 +169,7 @@ def load_dataset(
     steps += [transforms.PILToTensor(), transforms.Lambda(scale_to_unit_interval)]
 
     root = Path(root).expanduser() if root is not None else default_data_root()
+    download = download and downloads_allowed()
     dataset_class = getattr(torchvision.datasets, info.torchvision_class)
     try:
         return dataset_class(
@@ -185,6 +197,9 @@ def _missing_message(
         reason = lines[-1] if lines else type(err).__name__
         problem = f"could not be downloaded ({reason})"
         fix = "connect to the internet and run again to download it, or put"
+    elif not downloads_allowed():
+        problem = f"downloading is off ({DOWNLOAD_ENV_VAR}={os.environ[DOWNLOAD_ENV_VAR]})"
+        fix = f"unset {DOWNLOAD_ENV_VAR} to download it with internet access, or put"
     else:
         problem = "downloading is off"
         fix = "allow downloading with internet access, or put"

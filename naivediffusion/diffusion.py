@@ -3,7 +3,9 @@
 `Diffusion` is pure tensor math. It knows the noise schedule and nothing about
 convolutions: a model is any callable ``model(x_t, t)`` (or ``model(x_t, t, labels)``)
 that returns a tensor shaped like ``x_t``. The samplers and the likelihood work
-with a U-Net and with an analytic model alike.
+with a U-Net and with an analytic model alike. Classifier-free guidance (Ho & Salimans
+2022) is math on such a callable too: `loss` drops labels to a null label, `sample`
+combines the conditional and the null-label predictions (`guided_model`).
 
 Index convention: code ``t = 0 .. T-1`` is the paper's ``t = 1 .. T``. So
 ``alphas_cumprod[0]`` is the paper's alpha-bar_1, and ``alphas_cumprod_prev[0] = 1``
@@ -24,6 +26,7 @@ from .schedule import SCHEDULES, get_schedule
 OBJECTIVES = ("eps", "x0", "v")
 VARIANCES = ("beta", "posterior")
 SAMPLERS = ("ddpm", "ddim")
+WEIGHTINGS = ("none", "min-snr")
 
 
 def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -73,6 +76,8 @@ class Diffusion:
         self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
         self.sqrt_recip_alphas_cumprod = (1.0 / self.alphas_cumprod).sqrt()
         self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1.0).sqrt()
+        # Signal-to-noise ratio of x_t (Kingma et al. 2021): SNR(t) = abar_t / (1 - abar_t).
+        self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
 
         # Posterior q(x_{t-1} | x_t, x_0) = N(mean, posterior_variance) (Eq. 6-7).
         self.posterior_variance = (
@@ -191,6 +196,97 @@ class Diffusion:
         return ((self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0)
                 / self._coef("sqrt_recipm1_alphas_cumprod", t, x_t))
 
+    def eps_from_output(self, x_t: Tensor, t: Tensor, output: Tensor) -> Tensor:
+        """The noise eps implied by the network's `output` at (x_t, t), for any objective.
+
+        eps: the output itself; x0: Eq. 4 solved for eps (`predict_eps`); v: since
+        x_t = sqrt(abar) x0 + sqrt(1 - abar) eps and v = sqrt(abar) eps - sqrt(1 - abar) x0,
+        eps = sqrt(abar) v + sqrt(1 - abar) x_t. Shapes [B, C, H, W]; t LongTensor [B].
+        """
+        if self.objective == "eps":
+            return output
+        if self.objective == "x0":
+            return self.predict_eps(x_t, t, output)
+        return (self._coef("sqrt_alphas_cumprod", t, x_t) * output
+                + self._coef("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t)
+
+    def output_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """The inverse of `eps_from_output`: what the network would output if it predicted `eps`.
+
+        x0: Eq. 15, x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar); v: the same two relations
+        solved for v, v = (eps - sqrt(1 - abar) x_t) / sqrt(abar). Shapes [B, C, H, W].
+        """
+        if self.objective == "eps":
+            return eps
+        x0 = (self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+              - self._coef("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
+        if self.objective == "x0":
+            return x0
+        return (eps - self._coef("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t) / self._coef(
+            "sqrt_alphas_cumprod", t, x_t)
+
+    # ------------------------------------------------- classifier-free guidance
+
+    def guided_model(self, model, labels: Tensor, guidance_scale: float, null_label: int | None):
+        """A callable (x_t, t) -> output that applies classifier-free guidance to `model`.
+
+        Ho & Salimans 2022, Eq. 6, with guidance weight w = `guidance_scale`:
+
+            eps~(x_t, c) = (1 + w) eps(x_t, c) - w eps(x_t, null).
+
+        w = 0 is plain conditional sampling; larger w trades diversity for fidelity. This
+        is the book's convention. Other codebases (e.g. diffusers' `guidance_scale`) write
+        the same as eps_u + s (eps_c - eps_u) with s = 1 + w, so their s = 1 is our w = 0,
+        and their s = 7.5 is our w = 6.5.
+
+        Why in eps: guidance is defined on scores. The optimal eps is a scaled score,
+        eps(x_t) = -sqrt(1 - abar_t) grad log p_t(x_t), so Eq. 6 is the score of
+        p_t(x|c)^(1 + w) / p_t(x)^w = p_t(x|c) p_t(c|x)^w / p(c)^w: Bayes' rule's
+        "implicit classifier" grad log p_t(c|x) = grad log p_t(x|c) - grad log p_t(x),
+        scaled by w. For the "x0" and "v" objectives each output is first turned into the
+        eps it implies (`eps_from_output`), guided there, and turned back
+        (`output_from_eps`), so that the sampler's step (clipping of x0, Eq. 7, DDIM) is the
+        same as without guidance. (Both maps are affine in the output with weights that
+        do not depend on the label, so this equals (1 + w) out_c - w out_u; the
+        conversions are done in float64, except on MPS, so they lose no precision where
+        abar_t is close to 0 or 1.)
+
+        The conditional and unconditional predictions come from ONE forward pass on a
+        doubled batch: x_t twice, labels followed by B copies of `null_label`. With w = 0
+        the model is called once on the plain batch with `labels`.
+
+        Args:
+            model: callable (x_t [N, C, H, W], t [N], labels [N]) -> [N, C, H, W].
+            labels: LongTensor [B], the class of each image.
+            guidance_scale: w >= 0.
+            null_label: the label meaning "no class" (`num_classes` of a UNet); needed when w > 0.
+        Returns:
+            callable (x_t [B, C, H, W], t [B]) -> guided output [B, C, H, W] in x_t's dtype.
+        """
+        w = float(guidance_scale)
+        if not w >= 0:  # also rejects NaN
+            raise ValueError(f"the guidance scale must be >= 0 (0 is plain conditional sampling); got {w}")
+        if w == 0:
+            return lambda x_t, t: model(x_t, t, labels)
+        if null_label is None:
+            raise ValueError(
+                "guidance needs null_label, the label that means 'no class' "
+                "(num_classes for UNet(num_classes=...))"
+            )
+        both = torch.cat([labels, torch.full_like(labels, null_label)])
+
+        def guided(x_t: Tensor, t: Tensor) -> Tensor:
+            out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), both.to(x_t.device))
+            work = torch.float32 if x_t.device.type == "mps" else torch.float64
+            x = x_t.to(work)
+            out_cond, out_uncond = out.to(work).chunk(2)
+            eps_cond = self.eps_from_output(x, t, out_cond)
+            eps_uncond = self.eps_from_output(x, t, out_uncond)
+            eps = (1.0 + w) * eps_cond - w * eps_uncond  # Eq. 6
+            return self.output_from_eps(x, t, eps).to(x_t.dtype)
+
+        return guided
+
     # ---------------------------------------------------------- reverse process
 
     def p_mean_variance(
@@ -223,6 +319,27 @@ class Diffusion:
 
     # ------------------------------------------------------------------ training
 
+    def loss_weight(self, t: Tensor, weighting: str = "none", min_snr_gamma: float = 5.0) -> Tensor:
+        """The weight of each sample's squared error in the loss, per timestep.
+
+        "none": 1 for every t, which is L_simple (Eq. 14).
+        "min-snr": Min-SNR-gamma (Hang et al. 2023). Written as a weight on the error of
+        x0, every objective's error is a multiple of it: ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2
+        and ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2. Min-SNR puts min(SNR, gamma) on the
+        x0 error, so the weight on the objective's own error is
+        eps: min(SNR, gamma) / SNR;  x0: min(SNR, gamma);  v: min(SNR, gamma) / (SNR + 1).
+
+        t: LongTensor [B]. Returns float32 [B].
+        """
+        _check_choice("loss weighting", weighting, WEIGHTINGS)
+        if weighting == "none":
+            return torch.ones(t.shape, device=t.device)
+        if not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be positive; got {min_snr_gamma}")
+        snr = self._coef("snr", t, torch.empty(0, device=t.device)).reshape(-1)  # float32 [B]
+        clamped = snr.clamp(max=min_snr_gamma)
+        return {"eps": clamped / snr, "x0": clamped, "v": clamped / (snr + 1.0)}[self.objective]
+
     def loss(
         self,
         model,
@@ -230,27 +347,77 @@ class Diffusion:
         labels: Tensor | None = None,
         t: Tensor | None = None,
         noise: Tensor | None = None,
+        weighting: str = "none",
+        min_snr_gamma: float = 5.0,
+        *,
+        p_uncond: float = 0.0,
+        null_label: int | None = None,
+        generator: torch.Generator | None = None,
+        drop_mask: Tensor | None = None,
     ) -> Tensor:
         """L_simple (Eq. 14, Algorithm 1): E_{t, x0, eps} || target - model(x_t, t) ||^2.
 
         t is drawn uniformly from all T values 0..T-1 (the paper's 1..T) and eps ~ N(0, I)
-        unless given. The target is eps, x0 or v according to `objective`.
+        unless given. The target is eps, x0 or v according to `objective`. With
+        `weighting="min-snr"` each image's error is multiplied by `loss_weight(t)`.
+
+        Classifier-free guidance training (Ho & Salimans 2022): with `labels` and
+        `p_uncond` > 0, each sample's label is replaced by `null_label` independently with
+        probability `p_uncond` (per sample, never the whole batch), so that one network
+        learns both eps(x_t, c) and the unconditional eps(x_t) = eps(x_t, null). The paper
+        uses p_uncond = 0.1 or 0.2; the default 0 drops nothing. Without `labels` the
+        model is called as model(x_t, t) and nothing is dropped.
 
         Args:
-            model: callable (x_t [B, C, H, W], t [B]) -> [B, C, H, W].
+            model: callable (x_t [B, C, H, W], t [B]) -> [B, C, H, W], or
+                (x_t, t, labels [B]) -> [B, C, H, W] when `labels` are given.
             x0: clean images [B, C, H, W] in [-1, 1].
+            labels: optional class labels, LongTensor [B]; never modified in place.
+            p_uncond: the probability, in [0, 1], of dropping each sample's label.
+            null_label: the label that means "no class"; for `UNet(num_classes=K)` it is
+                K (`diffusion.py` knows nothing of networks, so the caller says which).
+                Required when `labels` are given and `p_uncond` > 0.
+            generator: a torch.Generator on x0's device for everything this function
+                draws (t, eps, then the drop mask), so training is reproducible; the global
+                generator if None. Nothing is drawn for the mask when `p_uncond` is 0.
+            drop_mask: optional bool [B], True where the label is replaced by `null_label`,
+                used instead of drawing one (like `t` and `noise`, so that a caller can draw
+                one global mask and give each process its slice); needs `labels` and
+                `null_label`, and then `p_uncond` is not used.
         Returns:
-            scalar tensor (float32), the mean squared error over all pixels.
+            scalar tensor (float32), the (weighted) mean squared error over all pixels.
         """
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ValueError(f"p_uncond must be a probability in [0, 1]; got {p_uncond}")
+        if drop_mask is not None and labels is None:
+            raise ValueError("drop_mask needs labels: it says which labels to drop")
+        if labels is not None and (p_uncond > 0 or drop_mask is not None) and null_label is None:
+            raise ValueError(
+                "dropping labels (p_uncond > 0 or drop_mask) needs null_label, the label that means 'no class' "
+                "(num_classes for UNet(num_classes=...))"
+            )
         batch = x0.shape[0]
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (batch,), device=x0.device)
+            t = torch.randint(0, self.num_timesteps, (batch,), device=x0.device, generator=generator)
         if noise is None:
-            noise = torch.randn_like(x0)
+            noise = (torch.randn_like(x0) if generator is None
+                     else torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator))
+        if drop_mask is not None:
+            if drop_mask.shape != (batch,):
+                raise ValueError(f"drop_mask must have shape [{batch}]; got {tuple(drop_mask.shape)}")
+            labels = labels.masked_fill(drop_mask.to(device=labels.device, dtype=torch.bool), null_label)
+        elif labels is not None and p_uncond > 0:
+            # One independent coin per sample; rand is in [0, 1), so p_uncond = 1 drops all.
+            drop = torch.rand(batch, device=labels.device, generator=generator) < p_uncond
+            labels = labels.masked_fill(drop, null_label)
         x_t = self.q_sample(x0, t, noise)
         output = model(x_t, t) if labels is None else model(x_t, t, labels)
         # The network may run in bf16/fp16 under autocast; the error is taken in float32.
-        return torch.mean((self.target(x0, noise, t).float() - output.float()) ** 2)
+        error = (self.target(x0, noise, t).float() - output.float()) ** 2
+        if weighting == "none":
+            return error.mean()
+        per_image = error.reshape(batch, -1).mean(dim=1)
+        return (self.loss_weight(t, weighting, min_snr_gamma) * per_image).mean()
 
     # ------------------------------------------------------------------ sampling
 
@@ -283,6 +450,9 @@ class Diffusion:
         device: torch.device | str | None = None,
         clip: bool = True,
         chain_every: int = 1,
+        *,
+        guidance_scale: float | None = None,
+        null_label: int | None = None,
     ):
         """Draw images from the reverse process, starting from x_T ~ N(0, I).
 
@@ -299,11 +469,21 @@ class Diffusion:
             generator: a torch.Generator on `device`, for reproducible samples.
             progress: show a progress bar.
             return_chain: also return the chain of x_t and predicted x0.
-            labels: optional class labels [B] passed to the model.
+            labels: optional class labels [B] passed to the model (called as
+                model(x_t, t, labels) then).
             device: where to sample; default: the model's device (else CPU).
             clip: clip the predicted x0, and the final images, to the data range [-1, 1]
                 (as the reference code does). Off only for data that is not images.
             chain_every: keep every n-th step in the chain (the last is always kept).
+            guidance_scale: classifier-free guidance weight w >= 0 (Ho & Salimans Eq. 6,
+                eps~ = (1 + w) eps(x, c) - w eps(x, null); s = 1 + w in other codebases),
+                applied at every step of either sampler through `guided_model`; needs
+                `labels`. None (the default) or 0: plain conditional sampling with one
+                forward pass per step; w > 0: one forward pass on a doubled batch per step.
+                The random draws (x_T, the noise of each step) do not depend on w, so the
+                same generator seed gives the same starting noise for every w.
+            null_label: the label meaning "no class" (`num_classes` of a UNet); needed when
+                guidance_scale > 0.
 
         Returns:
             images [B, C, H, W] in [-1, 1]; with `return_chain`, ``(images, chain)`` where
@@ -316,10 +496,22 @@ class Diffusion:
                 f"the ddpm sampler runs all T={self.num_timesteps} steps (got steps={steps}); "
                 "use sampler='ddim' to sample with fewer steps"
             )
+        if guidance_scale is not None and labels is None:
+            raise ValueError("guidance_scale needs labels: guidance steers towards a class")
         if device is None:
             params = getattr(model, "parameters", None)
             first = next(params(), None) if params is not None else None
             device = first.device if first is not None else torch.device("cpu")
+        step_model, step_labels = model, labels
+        if guidance_scale is not None:
+            labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+            if labels.ndim == 0:
+                labels = labels.expand(shape[0])
+            if labels.shape != (shape[0],):
+                raise ValueError(f"labels must have shape [{shape[0]}]; got {tuple(labels.shape)}")
+            # The step functions see a plain (x_t, t) -> output model; the guidance is inside.
+            step_model = self.guided_model(model, labels, guidance_scale, null_label)
+            step_labels = None
         if sampler == "ddpm":
             timesteps = torch.arange(self.num_timesteps - 1, -1, -1)
         else:
@@ -334,10 +526,11 @@ class Diffusion:
             for i, step in enumerate(tqdm(timesteps.tolist(), disable=not progress, desc=sampler)):
                 t = torch.full((shape[0],), step, device=device, dtype=torch.long)
                 if sampler == "ddpm":
-                    x_next, pred_x0 = self._ddpm_step(model, x, t, clip, labels, generator)
+                    x_next, pred_x0 = self._ddpm_step(step_model, x, t, clip, step_labels, generator)
                 else:
                     prev = timesteps[i + 1].item() if i + 1 < len(timesteps) else -1
-                    x_next, pred_x0 = self._ddim_step(model, x, t, prev, eta, clip, labels, generator)
+                    x_next, pred_x0 = self._ddim_step(step_model, x, t, prev, eta, clip, step_labels,
+                                                      generator)
                 if return_chain and (i % chain_every == 0 or i == len(timesteps) - 1):
                     chain["t"].append(step)
                     chain["x_t"].append(x.cpu())

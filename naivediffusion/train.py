@@ -28,6 +28,8 @@ import json
 import math
 import os
 import pickle
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -43,13 +45,14 @@ from tqdm.auto import tqdm
 from . import viz
 from .budget import pick_device
 from .data import FOLDER_PREFIX, dataset_info, load_dataset
-from .diffusion import Diffusion
+from .diffusion import WEIGHTINGS, Diffusion
 from .unet import UNet
 
 CHECKPOINT_FORMAT = "naivediffusion"
 CHECKPOINT_VERSION = 1
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class CheckpointError(ValueError):
@@ -58,6 +61,41 @@ class CheckpointError(ValueError):
 
 class TrainingDivergedError(ValueError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was stopped by Ctrl-C (SIGINT) or SIGTERM after writing a checkpoint."""
+
+    def __init__(self, signum: int, checkpoint: Path, step: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; "
+                         f"checkpoint written to {checkpoint}")
+        self.signum, self.checkpoint, self.step = signum, checkpoint, step
+        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as shells report them
+
+
+class _StopOnSignal:
+    """While active, Ctrl-C (SIGINT) and SIGTERM only set `signum`; the training loop looks at
+    it after each step, so a stop never lands half-way through an optimizer update. Outside
+    the main thread (where Python cannot install handlers) it does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.signum, self._previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C: stop now, the old way
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
 
 
 # ------------------------------------------------------------------ settings
@@ -80,6 +118,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 2e-4
     warmup_steps: int = 5000  # linear learning-rate warm-up
+    lr_schedule: str = "constant"  # after the warm-up: "constant", or "cosine" decay to 0 at the end
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
@@ -89,6 +128,9 @@ class TrainConfig:
     schedule: str = "linear"
     objective: str = "eps"
     variance: str = "beta"
+    loss_weighting: str = "none"  # "none" (L_simple, Eq. 14) or "min-snr" (Hang et al. 2023)
+    min_snr_gamma: float = 5.0  # gamma of Min-SNR-gamma (the paper's default)
+    max_minutes: float | None = None  # end after this much training time, as if `steps` were reached
     precision: str = "auto"  # "auto", "fp32", "bf16" or "fp16"
     compile: bool = False  # torch.compile the network
     device: str = "auto"  # "auto", "cpu", "cuda" or "mps"
@@ -120,12 +162,28 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive; got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.lr_schedule!r}; choose one of "
+                             f"{', '.join(LR_SCHEDULES)}")
+        if self.loss_weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting {self.loss_weighting!r}; choose one of "
+                             f"{', '.join(WEIGHTINGS)}")
+        if not self.min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be positive (the paper uses 5); got {self.min_snr_gamma}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be positive (or None for no time limit); got {self.max_minutes}")
 
     @classmethod
     def for_dataset(cls, name: str, **overrides) -> TrainConfig:
-        """The default settings for dataset `name`, with any field overridden."""
+        """The default settings for dataset `name`, with any field overridden.
+
+        MNIST and Fashion-MNIST on a machine without a GPU (device "cpu", or "auto" with no
+        CUDA or MPS) get CPU_DEFAULTS, a smaller network and batch, unless `model` is given.
+        """
         if name.startswith(FOLDER_PREFIX):
             defaults = DATASET_DEFAULTS["cifar10"]
+        elif name in CPU_DEFAULTS and "model" not in overrides and runs_on_cpu(overrides.get("device", "auto")):
+            defaults = CPU_DEFAULTS[name]  # sized for a CPU; naming a --model gives the full recipe
         elif name in DATASET_DEFAULTS:
             defaults = DATASET_DEFAULTS[name]
         else:
@@ -146,18 +204,37 @@ class TrainConfig:
 # 0.999 averages over roughly the last 1,000 steps; the paper's 0.9999 would average over
 # most of so short a run (and without the warm-up still hold 37% of the initial weights).
 _MNIST = dict(
-    model="mnist", steps=10_000, batch_size=128, lr=5e-4, warmup_steps=500, grad_clip=1.0,
-    ema_decay=0.999, log_every=50, sample_every=1000, checkpoint_every=1000,
+    model="mnist", steps=10_000, batch_size=128, lr=5e-4, warmup_steps=500, lr_schedule="cosine",
+    loss_weighting="none", grad_clip=1.0, ema_decay=0.999, log_every=50, sample_every=1000,
+    checkpoint_every=1000,
+)
+# MNIST on a machine without a GPU (chosen by `TrainConfig.for_dataset` when no model is named):
+# the 0.41M-parameter "mnist-small" network at batch 64, which 2 CPU cores run at about
+# 3 steps/s, with a larger learning rate and a shorter warm-up.
+_MNIST_CPU = dict(
+    model="mnist-small", steps=6_000, batch_size=64, lr=1e-3, warmup_steps=200, lr_schedule="cosine",
+    loss_weighting="none", grad_clip=1.0, ema_decay=0.999, log_every=50, sample_every=1000,
+    checkpoint_every=500,
 )
 DATASET_DEFAULTS: dict[str, dict] = {
     "mnist": _MNIST,
     "fashion-mnist": _MNIST,
     "cifar10": dict(
         model="ddpm-cifar10", steps=800_000, batch_size=128, lr=2e-4, warmup_steps=5000,
-        grad_clip=1.0, ema_decay=0.9999, dropout=0.1, log_every=100, sample_every=10_000,
-        checkpoint_every=5_000,
+        lr_schedule="constant", loss_weighting="none", grad_clip=1.0, ema_decay=0.9999,
+        dropout=0.1, log_every=100, sample_every=10_000, checkpoint_every=5_000,
     ),
 }
+CPU_DEFAULTS: dict[str, dict] = {"mnist": _MNIST_CPU, "fashion-mnist": _MNIST_CPU}
+
+
+def runs_on_cpu(device: str = "auto") -> bool:
+    """Whether a run with this `device` setting trains on the CPU."""
+    if device == "auto":
+        mps = getattr(torch.backends, "mps", None)
+        return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
+    return device == "cpu"
+
 
 # Settings a resumed run may change: where and how fast it runs, not what it learns.
 RESUMABLE_FIELDS = frozenset({
@@ -231,6 +308,23 @@ def linear_warmup(warmup_steps: int):
     return factor
 
 
+def cosine_decay(warmup_steps: int, total_steps: int):
+    """Learning-rate factor after `step` optimizer steps: 1 during the warm-up, then half a
+    cosine from 1 down to 0 at `total_steps` (Loshchilov & Hutter 2017, without restarts).
+
+    Multiplied with `linear_warmup`. A small learning rate at the end of a run averages out the
+    noise of the last updates, which the EMA alone does only over its ~1/(1 - decay) steps.
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
 class EpochBatchSampler(Sampler):
     """Batches of indices forever: epoch e visits the dataset in the order of a
     `torch.randperm` seeded from (seed, e), in `num_samples // batch_size` full batches
@@ -298,6 +392,9 @@ def _describe_file(path: Path) -> str:
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Read and check a naivediffusion checkpoint (checkpoint.pt or ema.pt, or a run folder).
 
+    `path` may also name a model shipped with the package, "pretrained:mnist" (see
+    `pretrained`), so that a user need not know where pip put it.
+
     Always `torch.load(..., weights_only=True)`: only tensors and plain data are unpickled,
     so a file that would run code when loaded is refused instead of executed.
 
@@ -305,6 +402,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         FileNotFoundError: there is no such file.
         CheckpointError: not a checkpoint, damaged, refused, or not written by naivediffusion.
     """
+    if isinstance(path, str) and path.startswith(PRETRAINED_PREFIX):
+        path = pretrained(path[len(PRETRAINED_PREFIX):])
     path = Path(path).expanduser()
     if path.is_dir():
         found = [path / name for name in ("checkpoint.pt", "ema.pt") if (path / name).is_file()]
@@ -364,7 +463,8 @@ def load_model(path: str | os.PathLike, device="cpu", ema: bool = True) -> tuple
     """Rebuild the trained network and its diffusion process from a checkpoint.
 
     Args:
-        path: a checkpoint.pt, an ema.pt, or a run folder.
+        path: a checkpoint.pt, an ema.pt, a run folder, or "pretrained:NAME" for a model
+            that ships with the package.
         device: where to put the model.
         ema: the EMA weights (what DDPM samples from) rather than the raw ones.
     Returns:
@@ -460,9 +560,16 @@ class Trainer:
             raise ValueError(f"the dataset has {len(self.dataset)} images, fewer than one batch of "
                              f"{config.batch_size}; use a smaller --batch-size")
 
+        # On CUDA the fused AdamW updates every parameter in one kernel instead of several per
+        # parameter tensor: fewer launches for a step that is bound by launching them.
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
-                                           weight_decay=config.weight_decay)
-        self.scheduler = LambdaLR(self.optimizer, linear_warmup(config.warmup_steps))
+                                           weight_decay=config.weight_decay, fused=cuda or None)
+        # The step the run ends at: config.steps, or for a run bounded by max_minutes the step
+        # that the measured speed reaches in that time (None until it has been measured).
+        self.planned_steps: int | None = None if config.max_minutes else config.steps
+        # The closure reads self.planned_steps when it is called: a run bounded by --max-minutes
+        # learns its length only after the warm-up (see `_plan_steps`).
+        self.scheduler = LambdaLR(self.optimizer, lambda step: self.lr_factor(step))
         # fp16 has a narrow range: small gradients underflow to 0 unless the loss is scaled
         # up first (and the gradients scaled back down before the step). bf16 does not need it.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
@@ -474,6 +581,7 @@ class Trainer:
         self.epoch, self.position = 0, 0  # where the next batch comes from
         self.elapsed = 0.0  # seconds spent in training steps, over all sessions of the run
         self.last_checkpoint: tuple[Path, int] | None = None
+        self._interval = None  # the steps since the last log line, while train() runs
         if checkpoint is not None:
             self.load_state_dict(checkpoint)
 
@@ -510,6 +618,26 @@ class Trainer:
 
     # ---------------------------------------------------------------- one step
 
+    def lr_factor(self, step: int) -> float:
+        """The learning rate after `step` optimizer steps, as a multiple of config.lr."""
+        factor = linear_warmup(self.config.warmup_steps)(step)
+        if self.config.lr_schedule == "cosine" and self.planned_steps is not None:
+            factor *= cosine_decay(self.config.warmup_steps, self.planned_steps)(step)
+        return factor
+
+    # A run bounded by max_minutes measures its speed over steps PLAN_AFTER // 2 .. PLAN_AFTER
+    # (or to the end of the warm-up, if later), when the first slow steps are behind it.
+    PLAN_AFTER = 40
+
+    def _plan_steps(self, mark: tuple[int, float]) -> None:
+        """Fix planned_steps from the time the steps since `mark` = (step, elapsed) took."""
+        seconds_per_step = (self.elapsed - mark[1]) / max(1, self.step - mark[0])
+        left = self.config.max_minutes * 60.0 - self.elapsed
+        self.planned_steps = min(self.config.steps, self.step + max(0, int(left / seconds_per_step)))
+
+    def _time_is_up(self) -> bool:
+        return self.config.max_minutes is not None and self.elapsed >= self.config.max_minutes * 60.0
+
     def predict(self, x_t: Tensor, t: Tensor) -> Tensor:
         """The network eps_theta(x_t, t) under mixed precision.
 
@@ -528,7 +656,8 @@ class Trainer:
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=self.device,
                           generator=self.noise_generator)
         noise = torch.randn(x0.shape, device=self.device, generator=self.noise_generator)
-        loss = self.diffusion.loss(self.predict, x0, t=t, noise=noise)
+        loss = self.diffusion.loss(self.predict, x0, t=t, noise=noise, weighting=self.config.loss_weighting,
+                                   min_snr_gamma=self.config.min_snr_gamma)
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -539,7 +668,7 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.ema.update_parameters(self.model)
-        return loss.detach()
+        return loss.detach()  # stays on the device: reading it here would make the GPU wait
 
     def batches(self):
         """An endless iterator of image batches [B, C, H, W], from the current data position."""
@@ -567,7 +696,10 @@ class Trainer:
     # -------------------------------------------------------------- the loop
 
     def train(self, progress: bool = True) -> dict:
-        """Train up to `config.steps`; log, sample and checkpoint along the way.
+        """Train up to `config.steps` (or `config.max_minutes`); log, sample and checkpoint.
+
+        The step never waits for the device: the losses are summed on it and read once per
+        log interval, and before anything is saved, so a GPU can run ahead of Python.
 
         Returns:
             {"step", "loss" (mean over the last log interval), "checkpoint", "ema",
@@ -575,52 +707,60 @@ class Trainer:
         Raises:
             TrainingDivergedError: the loss became NaN or infinite. Nothing is saved after
                 that; the last checkpoint is left as it was.
+            TrainingInterrupted: Ctrl-C (SIGINT) or SIGTERM arrived; the step under way was
+                finished and a checkpoint written at it, from which `Trainer.resume`
+                continues exactly as if nothing had happened.
         """
         cfg = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._trim_log()
         batches = self.batches()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, unit="step",
-                   desc=f"train {cfg.dataset}", dynamic_ncols=True)
-        interval_loss, interval_steps, interval_time = 0.0, 0, 0.0
+        bar = tqdm(total=self.planned_steps or cfg.steps, initial=self.step, disable=not progress,
+                   unit="step", desc=f"train {cfg.dataset}", dynamic_ncols=True)
+        self._interval = {"first": self.step + 1, "loss": None, "steps": 0, "time": 0.0}
         record, grid = None, None
+        plan_at = max(self.PLAN_AFTER, cfg.warmup_steps)
+        mark = None  # (step, elapsed) where the speed measurement of a timed run starts
         try:
-            while self.step < cfg.steps:
-                start = time.perf_counter()
-                loss = self.train_step(next(batches)).item()
-                self.step += 1
-                self._advance_data_position()
-                if not math.isfinite(loss):
-                    raise TrainingDivergedError(self._divergence_message(loss))
-                seconds = time.perf_counter() - start
-                self.elapsed += seconds
-                interval_loss, interval_steps, interval_time = (
-                    interval_loss + loss, interval_steps + 1, interval_time + seconds)
-                bar.update(1)
+            with _StopOnSignal() as stop:
+                while self.step < (self.planned_steps or cfg.steps) and not self._time_is_up():
+                    start = time.perf_counter()
+                    loss = self.train_step(next(batches))
+                    self.step += 1
+                    self._advance_data_position()
+                    seconds = time.perf_counter() - start
+                    self.elapsed += seconds
+                    interval = self._interval
+                    interval["loss"] = loss if interval["loss"] is None else interval["loss"] + loss
+                    interval["steps"] += 1
+                    interval["time"] += seconds
+                    bar.update(1)
+                    if self.planned_steps is None:
+                        if self.step >= plan_at // 2 and mark is None:
+                            mark = (self.step, self.elapsed)
+                        if self.step >= plan_at and self.step - mark[0] >= self.PLAN_AFTER // 2:
+                            self._plan_steps(mark)
+                            bar.total = self.planned_steps
+                            bar.refresh()
 
-                last = self.step == cfg.steps
-                if self.step % cfg.log_every == 0 or last:
-                    record = {
-                        "step": self.step,
-                        "loss": interval_loss / interval_steps,
-                        "lr": self.optimizer.param_groups[0]["lr"],
-                        "images_per_sec": interval_steps * cfg.batch_size / interval_time,
-                        "elapsed": round(self.elapsed, 3),
-                    }
-                    with open(self.run_dir / "log.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    bar.set_postfix(loss=f"{record['loss']:.4f}",
-                                    img_s=f"{record['images_per_sec']:.0f}")
-                    interval_loss, interval_steps, interval_time = 0.0, 0, 0.0
-                if self.step % cfg.sample_every == 0 or last:
-                    grid = self.save_samples()
-                if self.step % cfg.checkpoint_every == 0 or last:
-                    self.save_checkpoint()
+                    last = self.step == (self.planned_steps or cfg.steps) or self._time_is_up()
+                    if self.step % cfg.log_every == 0 or last:
+                        record = self._write_log()
+                        bar.set_postfix(loss=f"{record['loss']:.4f}",
+                                        img_s=f"{record['images_per_sec']:.0f}")
+                    if self.step % cfg.sample_every == 0 or last:
+                        grid = self.save_samples()
+                    if self.step % cfg.checkpoint_every == 0 or last:
+                        self.save_checkpoint()
+                    if stop.signum is not None:
+                        break
         finally:
             bar.close()
             batches.close()  # stops the loader's worker processes
         if self.last_checkpoint is None or self.last_checkpoint[1] != self.step:
             self.save_checkpoint()
+        if stop.signum is not None:
+            raise TrainingInterrupted(stop.signum, self.checkpoint_path, self.step)
         ema_path = self.save_ema()
         return {
             "step": self.step,
@@ -631,14 +771,41 @@ class Trainer:
             "elapsed": self.elapsed,
         }
 
-    def _divergence_message(self, loss: float) -> str:
+    def _check_finite(self) -> float | None:
+        """The mean loss of the steps since the last log line, read from the device (the one
+        place the loop waits for it); raises TrainingDivergedError if it is not finite."""
+        interval = self._interval
+        if interval["steps"] == 0:
+            return None
+        mean = interval["loss"].item() / interval["steps"]
+        if not math.isfinite(mean):
+            raise TrainingDivergedError(self._divergence_message(mean, interval["first"]))
+        return mean
+
+    def _write_log(self) -> dict:
+        """Append the line of the interval that ends at this step to log.jsonl; start a new one."""
+        interval = self._interval
+        record = {
+            "step": self.step,
+            "loss": self._check_finite(),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_sec": interval["steps"] * self.config.batch_size / max(interval["time"], 1e-9),
+            "elapsed": round(self.elapsed, 3),
+        }
+        with open(self.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._interval = {"first": self.step + 1, "loss": None, "steps": 0, "time": 0.0}
+        return record
+
+    def _divergence_message(self, loss: float, first: int) -> str:
         if self.last_checkpoint is None:
             kept = "no checkpoint had been saved yet"
         else:
             path, step = self.last_checkpoint
             kept = f"the last good checkpoint, {path} (step {step}), is left untouched"
         fix = ("try --precision bf16 or fp32, or " if self.precision == "fp16" else "try ")
-        return (f"training diverged: the loss is {loss} at step {self.step}; {kept}; {fix}"
+        where = f"at step {first}" if first == self.step else f"in steps {first}-{self.step}"
+        return (f"training diverged: the loss is {loss} {where}; {kept}; {fix}"
                 f"a lower --lr (now {self.config.lr:g}) in a new --run-dir")
 
     def _trim_log(self) -> None:
@@ -706,6 +873,7 @@ class Trainer:
             "step": self.step,
             "data_position": {"epoch": self.epoch, "position": self.position},
             "elapsed": self.elapsed,
+            "planned_steps": self.planned_steps,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -729,11 +897,16 @@ class Trainer:
         self.epoch = checkpoint["data_position"]["epoch"]
         self.position = checkpoint["data_position"]["position"]
         self.elapsed = checkpoint["elapsed"]
+        if self.config.max_minutes:  # the plan made when the speed was measured
+            self.planned_steps = checkpoint.get("planned_steps")
         self._set_rng_state(checkpoint["rng"])
         self.last_checkpoint = (Path(checkpoint.get("path", self.checkpoint_path)), self.step)
 
     def save_checkpoint(self) -> Path:
-        """Write run_dir/checkpoint.pt atomically (see `save_atomic`)."""
+        """Write run_dir/checkpoint.pt atomically (see `save_atomic`), after checking that the
+        losses since the last log line are finite: a diverged run never overwrites a good one."""
+        if self._interval is not None:
+            self._check_finite()
         save_atomic(self.state_dict(), self.checkpoint_path)
         self.last_checkpoint = (self.checkpoint_path, self.step)
         return self.checkpoint_path
@@ -764,13 +937,23 @@ def _step_of(path: Path) -> str:
         return ""
 
 
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+PRETRAINED_PREFIX = "pretrained:"
+
+
+def pretrained_names() -> list[str]:
+    """The names of the models that ship with the package, e.g. ["mnist"]."""
+    return sorted(p.stem for p in PRETRAINED_DIR.glob("*.pt"))
+
+
 def pretrained(name: str = "mnist") -> Path:
     """Path of a model that ships with the package (``naivediffusion/pretrained/NAME.pt``).
 
     Its provenance (the command, hardware and time that made it) is in NAME.json beside it.
+    Everything that reads a checkpoint also takes the name as "pretrained:NAME".
     """
-    path = Path(__file__).resolve().parent / "pretrained" / f"{name}.pt"
-    if not path.exists():
-        shipped = sorted(p.stem for p in path.parent.glob("*.pt"))
-        raise FileNotFoundError(f"no pretrained model {name!r}; shipped: {', '.join(shipped) or 'none'}")
+    path = PRETRAINED_DIR / f"{name}.pt"
+    if not name or not path.is_file():
+        raise FileNotFoundError(f"no pretrained model {name!r}; the package ships: "
+                                f"{', '.join(PRETRAINED_PREFIX + n for n in pretrained_names()) or 'none'}")
     return path

@@ -1,8 +1,9 @@
 """The built book: every chapter page renders its math, figures and Colab link, without errors.
 
 These tests read the HTML that `jupyter-book build . -W --keep-going` writes to _build/html.
-If that build is missing or older than its sources, the module builds the book first, so a
-plain `pytest` works on a fresh clone (the notebooks are executed during the build).
+If that build is missing or older than its sources (the pages, the config, or the package's
+own modules, which every chapter runs), the module builds the book first, so a plain `pytest`
+works on a fresh clone (the notebooks are executed during the build).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ CONFIG_FILES = ("_config.yml", "_toc.yml", "references.bib")
 COLAB = "https://colab.research.google.com/github/liuximeng09/NaiveDiffusion/blob/main/"
 
 
-def toc_files() -> list[str]:
+def toc_files(repo: Path = REPO) -> list[str]:
     """The pages of _toc.yml in reading order (without extension), the root first."""
-    text = (REPO / "_toc.yml").read_text()
+    text = (repo / "_toc.yml").read_text()
     root = re.search(r"^root:\s*(\S+)", text, re.M)
     files = re.findall(r"^\s*-?\s*file:\s*(\S+)", text, re.M)
     return ([root.group(1)] if root else []) + files
@@ -34,26 +35,42 @@ def toc_files() -> list[str]:
 CHAPTERS = [f for f in toc_files() if f.startswith("notebooks/")]
 
 
-def source_of(page: str) -> Path:
+def source_of(page: str, repo: Path = REPO) -> Path:
     """The source file of a toc entry: a notebook or a markdown page."""
     for suffix in (".ipynb", ".md"):
-        if (REPO / (page + suffix)).exists():
-            return REPO / (page + suffix)
+        if (repo / (page + suffix)).exists():
+            return repo / (page + suffix)
     raise FileNotFoundError(f"{page}.ipynb or {page}.md, listed in _toc.yml, does not exist")
 
 
-def build_is_stale() -> bool:
-    """True if some page's HTML is missing or older than its source, or than the config."""
-    pages = toc_files()
-    built = [HTML / (page + ".html") for page in pages]
+def package_sources(repo: Path = REPO) -> list[Path]:
+    """The package's Python files, which every chapter imports and runs."""
+    return sorted((repo / "naivediffusion").rglob("*.py"))
+
+
+def build_is_stale(repo: Path = REPO, html: Path = HTML) -> str | None:
+    """Why the built book is out of date, or None if it is not.
+
+    "pages": some page's HTML is missing or older than its source, or every page is older
+    than the config. "package": some file of naivediffusion/ is newer than some page. The
+    execution cache (_build/.jupyter_cache) keys a notebook by its code cells only, so a
+    change in the package needs the cache cleared and every page rebuilt (see `book`).
+    """
+    pages = toc_files(repo)
+    built = [html / (page + ".html") for page in pages]
     if not all(path.exists() for path in built):
-        return True
-    if any(source_of(page).stat().st_mtime > html.stat().st_mtime
-           for page, html in zip(pages, built, strict=True)):
-        return True
-    newest_config = max((REPO / name).stat().st_mtime for name in CONFIG_FILES
-                        if (REPO / name).exists())
-    return newest_config > max(html.stat().st_mtime for html in built)
+        return "pages"
+    if any(source_of(page, repo).stat().st_mtime > page_html.stat().st_mtime
+           for page, page_html in zip(pages, built, strict=True)):
+        return "pages"
+    newest_config = max((repo / name).stat().st_mtime for name in CONFIG_FILES
+                        if (repo / name).exists())
+    if newest_config > max(path.stat().st_mtime for path in built):
+        return "pages"
+    oldest_page = min(path.stat().st_mtime for path in built)
+    if any(source.stat().st_mtime > oldest_page for source in package_sources(repo)):
+        return "package"
+    return None
 
 
 def jupyter_book() -> list[str]:
@@ -64,13 +81,19 @@ def jupyter_book() -> list[str]:
 @pytest.fixture(scope="module")
 def book() -> Path:
     """The built HTML folder, building the book first when needed."""
-    if build_is_stale():
+    stale = build_is_stale()
+    if stale:
         env = dict(os.environ)
         # The notebooks' figures come from the inline backend of the Jupyter kernel; a
         # non-interactive backend such as Agg (set for plain pytest runs) would drop them.
         env.pop("MPLBACKEND", None)
+        extra = []
+        if stale == "package":
+            # Cached outputs were made with the old package: execute every chapter again.
+            shutil.rmtree(REPO / "_build" / ".jupyter_cache", ignore_errors=True)
+            extra = ["--all"]
         result = subprocess.run(
-            [*jupyter_book(), "build", ".", "-W", "--keep-going"],
+            [*jupyter_book(), "build", ".", "-W", "--keep-going", *extra],
             cwd=REPO, env=env, capture_output=True, text=True,
         )
         assert result.returncode == 0, (
@@ -161,6 +184,51 @@ def test_toc_lists_the_chapters_in_reading_order():
     assert numbers == sorted(numbers) and numbers[0] == 1
     for page in toc_files():
         source_of(page)  # raises if the file is missing
+
+
+def test_staleness_counts_the_package_sources(tmp_path):
+    """A fake book in tmp_path: built pages newer than everything are fresh; touching a
+    notebook, the config or a package module makes the build stale."""
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n"
+                                       "- file: notebooks/01_a\n")
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "intro.md").write_text("# intro\n")
+    (tmp_path / "notebooks" / "01_a.ipynb").write_text("{}")
+    (tmp_path / "_config.yml").write_text("title: t\n")
+    (tmp_path / "naivediffusion" / "sub").mkdir(parents=True)
+    for name in ("__init__.py", "diffusion.py", "sub/part.py"):
+        (tmp_path / "naivediffusion" / name).write_text("")
+    html = tmp_path / "_build" / "html"
+    (html / "notebooks").mkdir(parents=True)
+    assert build_is_stale(tmp_path, html) == "pages"  # nothing built yet
+
+    def set_time(path, seconds):
+        os.utime(path, (seconds, seconds))
+
+    sources = [tmp_path / "_toc.yml", tmp_path / "intro.md", tmp_path / "notebooks" / "01_a.ipynb",
+               tmp_path / "_config.yml", *package_sources(tmp_path)]
+    assert len(package_sources(tmp_path)) == 3
+    for path in sources:
+        set_time(path, 1_000)
+    pages = [html / "intro.html", html / "notebooks" / "01_a.html"]
+    for page in pages:
+        page.write_text("<html></html>")
+        set_time(page, 2_000)
+    assert build_is_stale(tmp_path, html) is None
+
+    set_time(tmp_path / "naivediffusion" / "diffusion.py", 1_500)  # older than every page
+    assert build_is_stale(tmp_path, html) is None
+    set_time(pages[0], 1_400)  # ... but newer than one of them
+    assert build_is_stale(tmp_path, html) == "package"
+    set_time(pages[0], 2_000)
+    set_time(tmp_path / "naivediffusion" / "sub" / "part.py", 3_000)
+    assert build_is_stale(tmp_path, html) == "package"
+    set_time(tmp_path / "naivediffusion" / "sub" / "part.py", 1_000)
+    set_time(tmp_path / "notebooks" / "01_a.ipynb", 3_000)
+    assert build_is_stale(tmp_path, html) == "pages"
+    set_time(tmp_path / "notebooks" / "01_a.ipynb", 1_000)
+    set_time(tmp_path / "_config.yml", 3_000)
+    assert build_is_stale(tmp_path, html) == "pages"
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)

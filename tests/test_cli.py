@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pickle
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -62,8 +63,13 @@ def test_train_writes_the_run_folder(run_dir):
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     for r in records:
         assert set(r) == {"step", "loss", "lr", "images_per_sec", "elapsed"}
-        assert math.isfinite(r["loss"]) and r["images_per_sec"] > 0
-    assert [r["elapsed"] for r in records] == sorted(r["elapsed"] for r in records)
+        assert math.isfinite(r["loss"])
+    # One line per step: its speed is the batch of 8 images over the time the step took, which
+    # is also what "elapsed" (seconds of training steps, rounded to 1 ms) grew by.
+    elapsed = [0.0] + [r["elapsed"] for r in records]
+    for r, before, after in zip(records, elapsed[:-1], elapsed[1:], strict=True):
+        assert after > before
+        assert 8 / r["images_per_sec"] == pytest.approx(after - before, abs=1.5e-3), r
     grids = sorted(p.name for p in (run_dir / "samples").iterdir())
     assert grids == ["step_000003.png", "step_000005.png"]  # every 3 steps, and the last
     assert Image.open(run_dir / "samples" / grids[0]).size == grid_size(4, 2)
@@ -184,14 +190,93 @@ def test_ddpm_sampler_with_steps(run_dir, capsys):
     assert_one_line_error(capsys, code, "ddim")
 
 
+def test_train_without_a_dataset(tmp_path, capsys):
+    code = main(["train", "--run-dir", str(tmp_path / "r"), "--no-progress"])
+    assert_one_line_error(capsys, code, "--dataset is required", "--resume")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flag", ["--n", "--batch-size"])
+def test_sample_needs_at_least_one_image(run_dir, tmp_path, capsys, flag):
+    code = main(["sample", "--checkpoint", str(run_dir), flag, "0", "--out", str(tmp_path / "g.png"),
+                 "--no-progress"])
+    assert_one_line_error(capsys, code, "--n and --batch-size must be at least 1")
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_resume_refuses_a_changed_learning_rate(run_dir, capsys):
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    code = main(["train", "--resume", "--run-dir", str(run_dir), "--lr", "0.5", "--no-progress"])
+    assert_one_line_error(capsys, code, "cannot change lr when resuming", "another --run-dir")
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+
+
+def test_fp16_on_a_cpu(tmp_path, capsys):
+    code = main(train_args(tmp_path / "r", "--precision", "fp16"))
+    assert_one_line_error(capsys, code, "fp16 needs a CUDA GPU", "bf16")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Reaching for the network fails the test (the data must be looked for on disk only)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tried to reach the network")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_missing_data_fails_at_once_without_downloading(tmp_path, capsys, no_network):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = main(train_args(tmp_path / "r", "--data-root", str(empty)))
+    assert_one_line_error(capsys, code, f"mnist not found in {empty / 'MNIST' / 'raw'}",
+                          "downloading is off", "NAIVEDIFFUSION_DATA")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_diverged_run(tmp_path, capsys):
+    run = tmp_path / "r"
+    code = main(["train", "--dataset", "mnist", "--steps", "4", "--run-dir", str(run), "--lr", "1e30",
+                 "--warmup-steps", "0", "--sample-every", "100", "--checkpoint-every", "100",
+                 *TINY])
+    line = assert_one_line_error(capsys, code, "training diverged", "--lr (now 1e+30)")
+    assert "no checkpoint had been saved yet" in line
+    assert not (run / "checkpoint.pt").exists() and not (run / "ema.pt").exists()
+
+
+def test_evaluate_errors(run_dir, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    code = main(["evaluate", "--checkpoint", str(tmp_path / "no.pt"), "--metric", "bpd",
+                 "--out", str(out)])
+    assert_one_line_error(capsys, code, "no checkpoint at", "no.pt")
+    code = main(["evaluate", "--checkpoint", str(run_dir), "--metric", "bpd", "--n", "1",
+                 "--device", "cpu", "--out", str(out), "--no-progress"])
+    assert_one_line_error(capsys, code, "--n must be at least 2")
+    code = main(["evaluate", "--checkpoint", str(run_dir), "--metric", "bpd", "--timesteps", "0",
+                 "--device", "cpu", "--out", str(out), "--no-progress"])
+    assert_one_line_error(capsys, code, "--timesteps must be from 1 to T=50")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = main(["evaluate", "--checkpoint", str(run_dir), "--metric", "bpd", "--n", "4",
+                 "--data-root", str(empty), "--device", "cpu", "--out", str(out), "--no-progress"])
+    assert_one_line_error(capsys, code, "mnist not found in", str(empty), "downloading is off")
+    code = main(["evaluate", "--checkpoint", str(run_dir), "--metric", "bpd", "--n", "10001",
+                 "--device", "cpu", "--out", str(out), "--no-progress"])
+    assert_one_line_error(capsys, code, "--n 10001 is more than the 10000 test images")
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------ help and entry point
 
 
 def test_help_gives_every_flag_a_default():
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command")
-    for name in ("train", "sample"):
-        sub = subparsers.choices[name]
+    assert {"train", "sample", "evaluate"} <= set(subparsers.choices)
+    for name, sub in subparsers.choices.items():
         text = sub.format_help()
         for action in sub._actions:
             if action.dest == "help":
@@ -211,4 +296,5 @@ def test_python_dash_m_entry_point(tmp_path):
     assert done.stderr.strip().startswith("error: no checkpoint at") and "Traceback" not in done.stderr
     done = subprocess.run([sys.executable, "-m", "naivediffusion", "--help"],
                           capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0 and "train" in done.stdout and "sample" in done.stdout
+    assert done.returncode == 0
+    assert all(name in done.stdout for name in ("train", "sample", "evaluate"))

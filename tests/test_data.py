@@ -1,9 +1,11 @@
 """Datasets: the pixel scaling of Sec. 3.3, flips, data roots and clear errors."""
 
 import hashlib
+import os
 import pickle
 import socket
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +82,8 @@ def test_scaling_is_the_papers_linear_map():
 # MNIST: the real files under NAIVEDIFFUSION_DATA, read offline
 
 
-def test_mnist_from_shared_data(no_network):
+def test_mnist_from_shared_data(no_network, monkeypatch):
+    monkeypatch.delenv("NAIVEDIFFUSION_DOWNLOAD", raising=False)  # the user's default
     train = load_dataset("mnist")  # downloading is on by default; the files are there, so it is not used
     test = load_dataset("mnist", train=False, download=False)
     assert (len(train), len(test)) == (60000, 10000)
@@ -341,7 +344,8 @@ def test_missing_data_without_download(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["mnist", "cifar10"])
-def test_failed_download_is_explained(tmp_path, offline, name):
+def test_failed_download_is_explained(tmp_path, offline, monkeypatch, name):
+    monkeypatch.delenv("NAIVEDIFFUSION_DOWNLOAD", raising=False)  # downloading on, as for users
     with pytest.raises(DatasetNotFoundError) as error:
         load_dataset(name, root=tmp_path)
     message = str(error.value)
@@ -350,3 +354,33 @@ def test_failed_download_is_explained(tmp_path, offline, name):
     assert str(tmp_path / DATASETS[name].folder) in message
     assert "internet" in message
     assert error.value.__cause__ is not None
+
+
+def test_the_tests_never_download():
+    """The repository's conftest.py turns downloading off for every test and notebook."""
+    assert os.environ.get("NAIVEDIFFUSION_DOWNLOAD") == "0"
+
+
+@pytest.mark.parametrize("value", ["0", "false", "OFF"])
+def test_download_switched_off_by_the_environment_fails_fast(tmp_path, no_network, monkeypatch,
+                                                             value):
+    """NAIVEDIFFUSION_DOWNLOAD=0 overrides download=True, the default the Trainer and the
+    metrics use: a missing set raises the data-root message at once, without the network."""
+    monkeypatch.setenv("NAIVEDIFFUSION_DOWNLOAD", value)
+    start = time.perf_counter()
+    with pytest.raises(DatasetNotFoundError) as error:
+        load_dataset("mnist", root=tmp_path)  # download=True by default
+    assert time.perf_counter() - start < 2.0
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"downloading is off (NAIVEDIFFUSION_DOWNLOAD={value})" in message
+    assert str(tmp_path / "MNIST" / "raw") in message and "NAIVEDIFFUSION_DATA" in message
+    assert not (tmp_path / "MNIST").exists()  # nothing was fetched or created
+
+
+@pytest.mark.parametrize("value", ["1", "yes", ""])
+def test_other_values_of_the_download_switch_keep_downloading_on(tmp_path, offline, monkeypatch,
+                                                                 value):
+    monkeypatch.setenv("NAIVEDIFFUSION_DOWNLOAD", value)
+    with pytest.raises(DatasetNotFoundError, match="could not be downloaded"):
+        load_dataset("mnist", root=tmp_path)

@@ -1,6 +1,7 @@
 """The diffusion process: each equation of DDPM checked against an independent computation."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -25,6 +26,28 @@ def test_tables_are_float64_and_use_the_papers_names():
     assert d.alphas_cumprod_prev[0] == 1.0
     assert d.alphas_cumprod[0] == pytest.approx(1 - d.betas[0].item())
     assert torch.allclose(d.alphas_cumprod_prev[1:], d.alphas_cumprod[:-1])
+
+
+@pytest.mark.parametrize("variance", ["beta", "posterior"])
+def test_the_decoders_variance_is_the_posterior_variance_of_paper_t_2(variance):
+    """Index 0 of the log-variances (paper t = 1, where the posterior variance is 0) holds the
+    posterior variance of paper t = 2, beta_2 (1 - abar_1) / (1 - abar_2), as in the DDPM
+    code; it is the width of the decoder L_0. Computed here from the paper's betas."""
+    d = Diffusion(timesteps=1000, variance=variance)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)  # DDPM Sec. 4
+    beta1, beta2 = betas[0].item(), betas[1].item()
+    abar1, abar2 = 1 - beta1, (1 - beta1) * (1 - beta2)
+    expected = math.log(beta2 * (1 - abar1) / (1 - abar2))
+    assert abs(expected - math.log(beta1)) > 0.5  # log beta_1 would be far off
+    assert d.posterior_log_variance_clipped[0].item() == pytest.approx(expected, rel=1e-12)
+    assert d.model_log_variance[0].item() == pytest.approx(expected, rel=1e-12)
+    assert d.model_variance[0].item() == pytest.approx(math.exp(expected), rel=1e-12)
+    # From paper t = 2 on: log beta_t, or the log of the posterior variance.
+    abar = torch.cumprod(1 - betas, dim=0)
+    posterior = betas[1:] * (1 - abar[:-1]) / (1 - abar[1:])
+    rest = betas[1:] if variance == "beta" else posterior
+    assert torch.allclose(d.model_log_variance[1:], rest.log(), rtol=1e-12, atol=0)
+    assert torch.allclose(d.posterior_log_variance_clipped[1:], posterior.log(), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -174,13 +197,21 @@ def test_p_mean_without_clipping_is_eq11():
     assert torch.allclose(out["variance"].flatten(), posterior.posterior_variance[t])
 
 
-def test_clipping_bounds_the_predicted_x0():
+def test_clipping_clips_the_predicted_x0_and_the_mean_follows_it():
+    """pred_x0 is Eq. 15 clipped to [-1, 1], and the mean is Eq. 7 with the clipped x0 (the
+    sampler steps are replayed exactly in test_sampler_steps.py)."""
     d = Diffusion(timesteps=100)
-    x_t = torch.randn(4, 1, 4, 4) * 3
-    t = torch.tensor([99, 99, 50, 10])
-    wild = lambda x, tt: -10 * torch.ones_like(x)  # implies x0 far outside [-1, 1]
-    assert d.p_mean_variance(wild, x_t, t, clip=False)["pred_x0"].abs().max() > 1
-    assert d.p_mean_variance(wild, x_t, t, clip=True)["pred_x0"].abs().max() <= 1
+    x_t = torch.linspace(-3, 3, 64, dtype=torch.float64).reshape(4, 1, 4, 4)
+    t = torch.tensor([99, 60, 20, 2])
+    eps = 0.5 * x_t
+    abar = torch.cumprod(1 - d.betas, 0)[t].reshape(4, 1, 1, 1)  # tested above against Eq. 2
+    raw = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+    assert (raw.abs() > 1.05).any() and (raw.abs() < 0.95).any()
+    for clip, x0 in ((False, raw), (True, raw.clamp(-1, 1))):
+        out = d.p_mean_variance(lambda x, tt: 0.5 * x, x_t, t, clip=clip)
+        assert torch.allclose(out["pred_x0"], x0, atol=1e-12)
+        mean, _, _ = d.q_posterior(x0, x_t, t)  # checked against Bayes' rule above
+        assert torch.allclose(out["mean"], mean, atol=1e-12)
 
 
 # -------------------------------------------------------------------- loss
@@ -316,13 +347,24 @@ def test_ddpm_adds_no_noise_at_the_last_step():
     assert chain["x_t"].shape == (20, 2, 1, 2, 2) and chain["t"].tolist() == list(range(19, -1, -1))
 
 
-def test_ddim_timesteps_cover_both_ends():
-    d = Diffusion(timesteps=1000)
-    for steps in [1000, 100, 50, 20, 10, 2]:
-        seq = d.ddim_timesteps(steps)
-        assert len(seq) == steps and seq[0] == 999 and seq[-1] == 0
-        assert torch.all(seq[:-1] > seq[1:])
-    assert d.ddim_timesteps(1).tolist() == [999]
+@pytest.mark.parametrize("timesteps", [1000, 100])
+def test_ddim_timesteps_are_the_rounded_linspace(timesteps):
+    """`steps` timesteps round((T - 1) i / (steps - 1)), i = steps - 1 .. 0: evenly spaced over
+    0..T-1 with both ends, descending. Computed with exact fractions; the step counts are ones
+    where no value is a tie (x.5; with T - 1 odd, every odd count has one in the middle),
+    so rounding is unambiguous."""
+    d = Diffusion(timesteps=timesteps)
+    counts = [2, 4, 6, 10, 12, 20, 34, 50, 64, 100, timesteps]
+    if timesteps == 1000:
+        counts += [250, 1000]
+    for steps in counts:
+        exact = [Fraction((timesteps - 1) * i, steps - 1) for i in range(steps)]
+        assert all(v - math.floor(v) != Fraction(1, 2) for v in exact), steps
+        expected = [math.floor(v + Fraction(1, 2)) for v in reversed(exact)]
+        got = d.ddim_timesteps(steps)
+        assert got.dtype == torch.long
+        assert got.tolist() == expected, steps
+    assert d.ddim_timesteps(1).tolist() == [timesteps - 1]
 
 
 @pytest.mark.parametrize("kwargs", [{"sampler": "ddim", "steps": 0}, {"sampler": "ddim", "steps": 11},

@@ -6,6 +6,7 @@ few steps of batch 8 on real MNIST, so each takes a second or two on a CPU.
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_config(run_dir, **overrides) -> TrainConfig:
     settings = dict(
-        steps=4, batch_size=8, timesteps=50, model_overrides={"base_channels": 8},
+        model="mnist", steps=4, batch_size=8, timesteps=50, model_overrides={"base_channels": 8},
         log_every=1, sample_every=1000, checkpoint_every=1000, num_sample_images=4,
         sample_steps=5, device="cpu", data_root=os.environ["NAIVEDIFFUSION_DATA"],
         run_dir=str(run_dir),
@@ -74,11 +75,11 @@ def test_cifar10_defaults_are_the_papers():
 
 
 def test_mnist_defaults_and_overrides():
-    config = TrainConfig.for_dataset("mnist", steps=7, lr=1e-3)
+    config = TrainConfig.for_dataset("mnist", steps=7, lr=1e-3, device="cuda")  # the GPU recipe
     assert config.model == "mnist" and config.ema_warmup
     assert (config.steps, config.lr) == (7, 1e-3)
     assert config.run_dir == os.path.join("runs", "mnist")
-    assert TrainConfig.for_dataset("fashion-mnist").model == "mnist"
+    assert TrainConfig.for_dataset("fashion-mnist", device="cuda").model == "mnist"
 
 
 def test_unknown_dataset_names_the_choices():
@@ -111,21 +112,23 @@ def test_precision_auto_is_fp32_on_cpu_and_fp16_needs_cuda():
 
 def test_ema_warmup_follows_its_formula():
     """After the first update copies the weights, update n (n = 1, 2, ...) uses the decay
-    min(decay, (1 + n) / (10 + n))."""
+    min(decay, (1 + n) / (10 + n)); for decay 0.9 the cap takes over from n = 81 on."""
     model = torch.nn.Linear(1, 1, bias=False)
     ema = AveragedModel(model, multi_avg_fn=ema_update_fn(0.9, warmup=True), use_buffers=True)
-    expected = None
-    for n in range(40):
+    expected, capped = None, 0
+    for n in range(150):
+        w = 2.0 + math.cos(0.3 * n)
         with torch.no_grad():
-            model.weight.fill_(float(n) ** 1.5)
+            model.weight.fill_(w)
         ema.update_parameters(model)
-        w = float(n) ** 1.5
         if expected is None:
             expected = w
         else:
+            capped += (1 + n) / (10 + n) > 0.9
             d = min(0.9, (1 + n) / (10 + n))
             expected = d * expected + (1 - d) * w
-        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-5)
+        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-5), n
+    assert capped == 150 - 81  # the last 69 updates ran at the cap: without it they would fail
     # without the warm-up the decay is 0.9 from the second update on
     ema = AveragedModel(model, multi_avg_fn=ema_update_fn(0.9, warmup=False), use_buffers=True)
     with torch.no_grad():
@@ -178,6 +181,78 @@ def test_run_folder_contents(trained_run):
     assert checkpoint["model_config"]["base_channels"] == 8
     assert checkpoint["diffusion_config"]["timesteps"] == 50
     assert checkpoint["image_shape"] == [1, 28, 28]
+
+
+def first_batches(trainer: Trainer, n: int) -> list[torch.Tensor]:
+    batches = trainer.batches()
+    try:
+        return [next(batches) for _ in range(n)]
+    finally:
+        batches.close()
+
+
+def test_the_ema_is_updated_after_the_optimizer_step(tmp_path):
+    """The first EMA update copies the weights: after one step it must hold the weights that
+    step produced, not those before it; the second averages the two steps' weights."""
+    trainer = Trainer(tiny_config(tmp_path / "run", steps=2, warmup_steps=0))
+    decay = trainer.config.ema_decay
+    weights = lambda: {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    ema = lambda: unwrap_state_dict(trainer.ema.state_dict())
+    first, second = first_batches(trainer, 2)
+    before = weights()
+    trainer.train_step(first)
+    after_one = weights()
+    moved = [k for k in before if not torch.equal(before[k], after_one[k])]
+    assert "conv_out.weight" in moved  # the zero-initialised output layer learns first
+    assert_same_state(ema(), after_one)
+    trainer.train_step(second)
+    after_two = weights()
+    d = min(decay, 2 / 11)  # update n = 1 of the warm-up
+    for key in moved:
+        expected = d * after_one[key] + (1 - d) * after_two[key]
+        assert torch.allclose(ema()[key], expected, rtol=1e-5, atol=1e-7), key
+
+
+def gradients_the_optimizer_sees(trainer: Trainer, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The gradients at the moment of the optimizer step (a step pre-hook), by parameter name."""
+    names = {id(p): name for name, p in trainer.model.named_parameters()}
+    seen = {}
+
+    def record(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    seen[names[id(p)]] = p.grad.detach().clone()
+
+    handle = trainer.optimizer.register_step_pre_hook(record)
+    try:
+        trainer.train_step(batch)
+    finally:
+        handle.remove()
+    return seen
+
+
+def global_norm(grads: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(g.double().square().sum().item() for g in grads.values()))
+
+
+def test_gradient_clipping_bounds_the_global_norm_and_0_turns_it_off(tmp_path):
+    clip = 1e-3
+    raw_trainer = Trainer(tiny_config(tmp_path / "off", steps=1, grad_clip=0.0))
+    clipped_trainer = Trainer(tiny_config(tmp_path / "on", steps=1, grad_clip=clip))
+    (batch,) = first_batches(raw_trainer, 1)
+    raw = gradients_the_optimizer_sees(raw_trainer, batch)
+    clipped = gradients_the_optimizer_sees(clipped_trainer, batch)  # same seed: same weights, t, eps
+    assert raw.keys() == clipped.keys() and raw
+    # grad_clip = 0: the gradients are left as they are, far above the bound below.
+    assert global_norm(raw) > 100 * clip
+    # Clipped: the global norm (over all parameters together) is at most grad_clip, and the
+    # gradient is rescaled as a whole, not clamped element by element.
+    assert global_norm(clipped) <= clip * (1 + 1e-5)
+    assert global_norm(clipped) == pytest.approx(clip, rel=1e-3)
+    scale = clip / global_norm(raw)
+    for name in raw:
+        assert torch.allclose(clipped[name], raw[name] * scale, rtol=1e-4, atol=1e-12), name
 
 
 def test_seed_makes_a_cpu_run_reproducible(tmp_path):
