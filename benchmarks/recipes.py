@@ -8,9 +8,9 @@ model:
   its real-data floor at the same n (`quality.sample_quality`);
 - the fraction of smudges: samples whose top class probability under the package classifier
   is below 0.5 (`quality.smudge_fraction`);
-- the fraction of noisy samples: images whose mean absolute difference between neighbouring
-  pixels is above that of 99.9% of real test digits. The classifier is confident about many
-  images of pure speckle (it never saw noise), so the smudge fraction misses them; this does not;
+- the fraction of noisy samples, rougher than 99.9% of real test digits (`quality.noise_fraction`):
+  the classifier is confident about many images of pure speckle, so the smudge fraction misses
+  them;
 - bits/dim on `--bpd-images` test images, a stratified estimate from `--bpd-timesteps` terms.
 
 A grid of each recipe's first 64 samples is saved beside the JSON file.
@@ -38,6 +38,7 @@ from naivediffusion.likelihood import bits_per_dim
 from naivediffusion.quality import (
     load_classifier,
     load_images,
+    noise_fraction,
     sample_quality,
     smudge_fraction,
 )
@@ -66,13 +67,6 @@ def parse_recipe(text: str) -> tuple[str, dict]:
     return name, settings
 
 
-def roughness(images: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference between horizontally and vertically neighbouring pixels, [N]."""
-    dx = (images[..., :, 1:] - images[..., :, :-1]).abs().flatten(1).mean(1)
-    dy = (images[..., 1:, :] - images[..., :-1, :]).abs().flatten(1).mean(1)
-    return (dx + dy) / 2
-
-
 def score(trainer: Trainer, n: int, sample_steps: int, bpd_images: int, bpd_timesteps: int,
           seed: int, grid_path: str) -> dict:
     model, diffusion, device = trainer.ema.module, trainer.diffusion, trainer.device
@@ -85,8 +79,7 @@ def score(trainer: Trainer, n: int, sample_steps: int, bpd_images: int, bpd_time
     classifier = load_classifier(trainer.config.dataset)
     quality = sample_quality(samples, trainer.config.dataset, classifier=classifier, seed=seed)
     viz.save_grid(samples[:64], grid_path, nrow=8)
-    real, _ = load_images(trainer.config.dataset, train=False)
-    noisy = (roughness(samples) > roughness(real).quantile(0.999)).float().mean().item()
+    noisy = noise_fraction(samples, trainer.config.dataset)
     x0, _ = load_images(trainer.config.dataset, train=False, n=bpd_images, seed=seed)
     bpd = bits_per_dim(diffusion, model, x0.to(device), timesteps=bpd_timesteps,
                        generator=torch.Generator(device=device).manual_seed(seed))

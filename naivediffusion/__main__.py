@@ -30,6 +30,7 @@ from .likelihood import bits_per_dim
 from .quality import (
     classifier_path,
     load_classifier,
+    noise_fraction,
     sample_quality,
     save_classifier,
     smudge_fraction,
@@ -377,6 +378,7 @@ def run_evaluate(args) -> int:
         samples = torch.cat(samples)
         scores = sample_quality(samples, dataset, classifier=classifier, seed=args.seed, root=root)
         scores["smudges"] = smudge_fraction(samples, classifier=classifier)
+        scores["noisy"] = noise_fraction(samples, dataset, root=root)
         result.update(
             sampler=args.sampler, steps=steps or diffusion.num_timesteps, eta=args.eta, **scores,
             score="Fréchet distance in the features of the naivediffusion classifier (not Inception FID)",
@@ -385,7 +387,8 @@ def run_evaluate(args) -> int:
         summary = (f"Fréchet distance (classifier features) {scores['fd']:.3f} for {args.n} samples "
                    f"({args.sampler}, {result['steps']} steps) vs {scores['n_reference']} {dataset} "
                    f"test images; real-data floor ({args.n} training images) {scores['fd_real']:.3f}; "
-                   f"smudges (top class probability < 0.5) {scores['smudges']:.1%}")
+                   f"smudges (top class probability < 0.5) {scores['smudges']:.1%}; noisy (rougher "
+                   f"than 99.9% of test digits) {scores['noisy']:.1%}")
 
     result["seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out)

@@ -138,7 +138,7 @@ class Diffusion:
             t: LongTensor [B], code index 0..T-1 (paper t - 1).
             noise: the epsilon ~ N(0, I) to use, shaped like x0 (drawn if None).
         Returns:
-            x_t [B, C, H, W] = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise  (Eq. 9's reparameterisation).
+            x_t [B, C, H, W] = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise  (the reparameterisation inside Eq. 9).
         """
         self._check_t(t, x0.shape[0])
         if noise is None:

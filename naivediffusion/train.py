@@ -213,7 +213,7 @@ _MNIST = dict(
 # 3 steps/s, with a larger learning rate and a shorter warm-up.
 _MNIST_CPU = dict(
     model="mnist-small", steps=6_000, batch_size=64, lr=1e-3, warmup_steps=200, lr_schedule="cosine",
-    loss_weighting="none", grad_clip=1.0, ema_decay=0.999, log_every=50, sample_every=1000,
+    objective="v", loss_weighting="none", grad_clip=1.0, ema_decay=0.999, log_every=50, sample_every=1000,
     checkpoint_every=500,
 )
 DATASET_DEFAULTS: dict[str, dict] = {

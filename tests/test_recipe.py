@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from naivediffusion import Diffusion
+from naivediffusion import train as train_module
 from naivediffusion.__main__ import main
+from naivediffusion.quality import load_images, noise_fraction, roughness, smudge_fraction
 from naivediffusion.train import (
     CPU_DEFAULTS,
     DATASET_DEFAULTS,
@@ -135,34 +137,67 @@ def test_a_cosine_run_logs_the_scheduled_learning_rates(tmp_path):
 # ------------------------------------------------------------------ --max-minutes
 
 
+class FakeClock:
+    """Stands in for time.perf_counter inside the training loop: every step takes exactly
+    `step_seconds`, however busy the machine is."""
+
+    def __init__(self, step_seconds: float):
+        self.now, self.step_seconds, self.calls = 0.0, step_seconds, 0
+
+    def perf_counter(self) -> float:
+        self.calls += 1
+        if self.calls % 2 == 0:  # the loop reads the clock before and after each step
+            self.now += self.step_seconds
+        return self.now
+
+
 def test_max_minutes_ends_the_run_with_a_checkpoint_and_ema(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "PLAN_AFTER", 4)  # measure the speed over steps 2..4
-    config = tiny_config(tmp_path / "run", steps=100_000, max_minutes=0.05, warmup_steps=0,
+    monkeypatch.setattr(train_module, "time", FakeClock(step_seconds=0.5))
+    config = tiny_config(tmp_path / "run", steps=100_000, max_minutes=0.5, warmup_steps=0,
                          lr_schedule="cosine")
     trainer = Trainer(config)
     assert trainer.planned_steps is None  # unknown until the speed is measured
     result = trainer.train(progress=False)
+    # 30 s at 0.5 s a step: the plan made at step 4 ends the run at step 60, as --steps would.
+    assert trainer.planned_steps == 60 == result["step"]
+    assert trainer.elapsed == pytest.approx(30.0)
     checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    assert 4 <= result["step"] < 100_000
-    assert trainer.planned_steps is not None and checkpoint["planned_steps"] == trainer.planned_steps
-    assert result["step"] <= trainer.planned_steps
-    # It stopped at the planned step or when the time was up, whichever came first.
-    assert result["step"] == trainer.planned_steps or trainer.elapsed >= 0.05 * 60
-    assert checkpoint["step"] == result["step"]
-    assert load_checkpoint(tmp_path / "run" / "ema.pt")["step"] == result["step"]
-    # The schedule knew the end: the last rate is (nearly) zero, the decay's end.
-    last_lr = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])["lr"]
-    assert last_lr == pytest.approx(1e-3 * trainer.lr_factor(result["step"]), abs=1e-12)
+    assert checkpoint["planned_steps"] == 60 and checkpoint["step"] == 60
+    assert load_checkpoint(tmp_path / "run" / "ema.pt")["step"] == 60
+    # The schedule knew the end: the last logged rate is the cosine's last value, near zero.
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert lines[-1]["lr"] == pytest.approx(config.lr * cosine_decay(0, 60)(60), abs=1e-15) == 0.0
+    assert lines[29]["step"] == 30 and lines[29]["lr"] == pytest.approx(config.lr / 2)  # half-way
+
+
+def test_max_minutes_stops_a_run_that_slows_down_when_the_time_is_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "PLAN_AFTER", 4)
+    clock = FakeClock(step_seconds=0.5)
+    monkeypatch.setattr(train_module, "time", clock)
+    trainer = Trainer(tiny_config(tmp_path / "run", steps=100_000, max_minutes=0.5, warmup_steps=0))
+    real_step = trainer.train_step
+
+    def slower(x0):
+        if trainer.step >= 10:
+            clock.step_seconds = 2.0  # from step 11 on, 2 s a step
+        return real_step(x0)
+
+    monkeypatch.setattr(trainer, "train_step", slower)
+    result = trainer.train(progress=False)
+    assert trainer.planned_steps == 60 and result["step"] < 60  # ended by the clock, not the plan
+    assert trainer.elapsed >= 30.0 and load_checkpoint(tmp_path / "run" / "ema.pt")["step"] == result["step"]
 
 
 def test_a_resumed_timed_run_keeps_its_plan(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "PLAN_AFTER", 4)
-    config = tiny_config(tmp_path / "run", steps=100_000, max_minutes=0.02, warmup_steps=0,
+    monkeypatch.setattr(train_module, "time", FakeClock(step_seconds=0.5))
+    config = tiny_config(tmp_path / "run", steps=100_000, max_minutes=0.1, warmup_steps=0,
                          lr_schedule="cosine", checkpoint_every=2)
     first = Trainer(config)
     first.train(progress=False)
     resumed = Trainer.resume(tmp_path / "run")
-    assert resumed.planned_steps == first.planned_steps
+    assert resumed.planned_steps == first.planned_steps == 12
     assert resumed.scheduler.get_last_lr()[0] == pytest.approx(first.scheduler.get_last_lr()[0])
 
 
@@ -172,7 +207,7 @@ def test_a_resumed_timed_run_keeps_its_plan(tmp_path, monkeypatch):
 def test_cpu_defaults_unless_a_model_is_named():
     cpu = TrainConfig.for_dataset("mnist", device="cpu")
     assert (cpu.model, cpu.batch_size) == (CPU_DEFAULTS["mnist"]["model"], CPU_DEFAULTS["mnist"]["batch_size"])
-    assert cpu.model == "mnist-small"
+    assert cpu.model == "mnist-small" and cpu.objective == "v"
     full = TrainConfig.for_dataset("mnist", device="cpu", model="mnist")
     assert (full.batch_size, full.steps, full.lr) == (128, 10_000, DATASET_DEFAULTS["mnist"]["lr"])
     assert TrainConfig.for_dataset("mnist", device="cuda").model == "mnist"
@@ -217,3 +252,36 @@ def test_help_lists_the_shipped_models(capsys):
             main([command, "--help"])
         assert "pretrained:mnist" in capsys.readouterr().out
 
+
+
+# ------------------------------------------------------------------ smudges and noise
+
+
+def test_smudge_fraction_counts_samples_the_classifier_cannot_name():
+    class Fixed(torch.nn.Module):
+        """Logits that make the first image certain and the others split between 3 classes."""
+
+        def forward(self, x):
+            logits = torch.zeros(len(x), 10)
+            logits[0, 4] = 10.0
+            logits[1:, :3] = 5.0
+            return logits
+
+    probe = torch.nn.Linear(1, 1)  # gives the stub a device
+    fixed = Fixed()
+    fixed.register_module("probe", probe)
+    assert smudge_fraction(torch.zeros(4, 1, 28, 28), classifier=fixed) == 0.75
+    real, _ = load_images("mnist", train=False, n=500, seed=0)
+    assert smudge_fraction(real) < 0.02  # the shipped classifier names real digits
+
+
+def test_noise_fraction_flags_noise_and_passes_real_digits():
+    real, _ = load_images("mnist", train=False, n=1000, seed=3)
+    assert noise_fraction(real) <= 0.005
+    noise = torch.rand(50, 1, 28, 28) * 2 - 1
+    assert noise_fraction(noise) == 1.0
+    speckled = (real[:50] + 0.3 * torch.randn(50, 1, 28, 28)).clamp(-1, 1)  # digits in noise
+    assert noise_fraction(speckled) == 1.0
+    assert torch.allclose(roughness(torch.ones(2, 1, 5, 5)), torch.zeros(2))
+    checker = (torch.arange(25).reshape(1, 1, 5, 5) % 2) * 2.0 - 1  # every neighbour differs by 2
+    assert roughness(checker).item() == pytest.approx(2.0)
