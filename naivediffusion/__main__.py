@@ -28,6 +28,7 @@ from .budget import pick_device
 from .data import load_dataset
 from .likelihood import bits_per_dim
 from .quality import (
+    class_probabilities,
     classifier_path,
     load_classifier,
     noise_fraction,
@@ -379,6 +380,8 @@ def run_evaluate(args) -> int:
         scores = sample_quality(samples, dataset, classifier=classifier, seed=args.seed, root=root)
         scores["smudges"] = smudge_fraction(samples, classifier=classifier)
         scores["noisy"] = noise_fraction(samples, dataset, root=root)
+        classes = class_probabilities(classifier, samples).argmax(1)
+        scores["class_counts"] = torch.bincount(classes, minlength=classifier.config["num_classes"]).tolist()
         result.update(
             sampler=args.sampler, steps=steps or diffusion.num_timesteps, eta=args.eta, **scores,
             score="Fréchet distance in the features of the naivediffusion classifier (not Inception FID)",
@@ -388,7 +391,8 @@ def run_evaluate(args) -> int:
                    f"({args.sampler}, {result['steps']} steps) vs {scores['n_reference']} {dataset} "
                    f"test images; real-data floor ({args.n} training images) {scores['fd_real']:.3f}; "
                    f"smudges (top class probability < 0.5) {scores['smudges']:.1%}; noisy (rougher "
-                   f"than 99.9% of test digits) {scores['noisy']:.1%}")
+                   f"than 99.9% of test digits) {scores['noisy']:.1%}; samples per class "
+                   f"{scores['class_counts']}")
 
     result["seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out)
