@@ -9,20 +9,11 @@ import time
 
 import pytest
 import torch
-from test_recipe import tiny_config
+from test_train import assert_same_state, tiny_config
 
 from naivediffusion.train import Trainer, TrainingInterrupted, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def assert_same_tensors(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], dict):
-            assert_same_tensors(a[key], b[key])
-        elif isinstance(a[key], torch.Tensor):
-            assert torch.equal(a[key], b[key]), key
 
 
 def test_ctrl_c_saves_the_current_step_and_resume_is_exact(tmp_path, monkeypatch):
@@ -55,9 +46,9 @@ def test_ctrl_c_saves_the_current_step_and_resume_is_exact(tmp_path, monkeypatch
     resumed = Trainer.resume(tmp_path / "split")
     resumed.train(progress=False)
     a, b = straight.state_dict(), resumed.state_dict()
-    assert_same_tensors(a["model"], b["model"])
-    assert_same_tensors(a["ema"], b["ema"])
-    assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"])
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(a["ema"], b["ema"])
+    assert_same_state(a["optimizer"]["state"], b["optimizer"]["state"])
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
 
 

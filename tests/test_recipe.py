@@ -3,10 +3,10 @@ by --max-minutes, the CPU defaults, and models named "pretrained:NAME"."""
 
 import json
 import math
-import os
 
 import pytest
 import torch
+from test_train import tiny_config  # the tiny run of test_train.py: 8 base channels, T = 50
 
 from naivediffusion import Diffusion
 from naivediffusion import train as train_module
@@ -25,16 +25,6 @@ from naivediffusion.train import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_config(run_dir, **overrides) -> TrainConfig:
-    settings = dict(
-        model="mnist", steps=4, batch_size=8, timesteps=50, model_overrides={"base_channels": 8},
-        log_every=1, sample_every=1000, checkpoint_every=1000, num_sample_images=4,
-        sample_steps=5, device="cpu", data_root=os.environ["NAIVEDIFFUSION_DATA"],
-        run_dir=str(run_dir),
-    )
-    return TrainConfig.for_dataset("mnist", **{**settings, **overrides})
 
 
 def linear_snr(T: int = 1000) -> torch.Tensor:
