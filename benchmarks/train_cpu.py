@@ -59,13 +59,13 @@ def main() -> None:
         device = trainer.device
         batches = trainer.batches()
         for _ in range(args.warmup):
-            trainer.train_step(next(batches))
+            trainer.train_step(next(batches)[0])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         for _ in range(args.steps):
-            loss = trainer.train_step(next(batches))
+            loss = trainer.train_step(next(batches)[0])
         loss = loss.item()  # waits for the GPU
         seconds = time.perf_counter() - start
         batches.close()

@@ -98,6 +98,12 @@ def add_train_parser(subparsers) -> None:
                    help="stop after this many minutes of training steps, with a final checkpoint "
                    "and ema.pt as if --steps were reached; the learning-rate schedule plans for "
                    "the step the measured speed reaches by then (default: no limit)")
+    p.add_argument("--class-conditional", action="store_true", default=None,
+                   help="learn to draw a chosen class (sample --label K), with classifier-free "
+                   "guidance (sample --guidance W) (default: off)")
+    p.add_argument("--p-uncond", type=float,
+                   help="with --class-conditional: probability that each training image's label "
+                   f"is dropped, so the network also learns unconditional eps (default: {defaults.p_uncond:g})")
     p.add_argument("--grad-clip", type=float, help="max gradient norm, 0 for none "
                    f"(default: {defaults.grad_clip:g})")
     p.add_argument("--ema-decay", type=float, help=_per_dataset("decay of the EMA of the weights", "ema_decay"))
@@ -139,7 +145,7 @@ def add_train_parser(subparsers) -> None:
 # Flags of `train` that map one to one onto TrainConfig fields.
 _TRAIN_FIELDS = (
     "dataset", "run_dir", "steps", "batch_size", "lr", "warmup_steps", "lr_schedule",
-    "loss_weighting", "min_snr_gamma", "max_minutes", "grad_clip", "ema_decay",
+    "loss_weighting", "min_snr_gamma", "max_minutes", "class_conditional", "p_uncond", "grad_clip", "ema_decay",
     "model", "dropout", "image_size", "timesteps", "schedule", "objective", "device",
     "precision", "compile", "seed", "log_every", "sample_every", "checkpoint_every",
     "num_sample_images", "num_workers", "data_root",
@@ -150,6 +156,8 @@ def run_train(args) -> int:
     given = {name: getattr(args, name) for name in _TRAIN_FIELDS if getattr(args, name) is not None}
     if args.base_channels is not None:
         given["model_overrides"] = {"base_channels": args.base_channels}
+    if args.p_uncond is not None and not args.class_conditional and not args.resume:
+        raise ValueError("--p-uncond only applies to a class-conditional model; add --class-conditional")
     if args.resume:
         if args.run_dir is None and args.dataset is None:
             raise ValueError("--resume needs the --run-dir of the run to continue")
@@ -164,8 +172,9 @@ def run_train(args) -> int:
     cfg = trainer.config
     millions = trainer.model.count_parameters() / 1e6
     verb = f"resuming at step {trainer.step}" if args.resume else "training"
+    conditional = (f", class-conditional (p_uncond {cfg.p_uncond:g})" if cfg.class_conditional else "")
     print(f"{verb}: {cfg.dataset} {'x'.join(map(str, trainer.image_shape))}, UNet {cfg.model!r} "
-          f"({millions:.1f}M parameters), {trainer.device.type} {trainer.precision}, batch "
+          f"({millions:.1f}M parameters{conditional}), {trainer.device.type} {trainer.precision}, batch "
           f"{cfg.batch_size}, {cfg.steps} steps -> {trainer.run_dir}", flush=True)
     result = trainer.train(progress=not args.no_progress)
     print(f"done: step {result['step']} in {result['elapsed']:.0f} s; final loss "
@@ -188,7 +197,16 @@ def add_sample_parser(subparsers) -> None:
     )
     p.add_argument("--checkpoint", required=True,
                    help=_CHECKPOINT_HELP)
-    p.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
+    p.add_argument("--n", type=int, default=64,
+                   help="number of images, or with --label the number of each class (default: 64)")
+    p.add_argument("--label", action="append", metavar="K",
+                   help="class-conditional models: draw class K (an index, e.g. 7 for the digit 7); "
+                   "repeat it or give a range such as 0-9 to draw --n of each, one row per class "
+                   "(default: no label, any class)")
+    p.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="classifier-free guidance weight w >= 0 with --label: eps = (1 + w) eps(x, c) "
+                   "- w eps(x); 0 is plain conditional sampling; s = 1 + w in other codebases "
+                   "(default: 0)")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim",
                    help="ddpm: Algorithm 2 over all T steps; ddim: Song et al. 2021 over --steps "
                    "(default: ddim)")
@@ -198,8 +216,8 @@ def add_sample_parser(subparsers) -> None:
     p.add_argument("--out", default="grid.png", help="PNG file for the grid (default: grid.png)")
     p.add_argument("--nrow", type=int, default=None, help="images per row (default: sqrt of --n)")
     p.add_argument("--save-samples", metavar="PATH", default=None,
-                   help="also save the images as one uint8 tensor [N, C, H, W] with torch.save "
-                   "(default: not saved)")
+                   help="also save the images as one uint8 tensor [N, C, H, W] with torch.save, and "
+                   "with --label their labels [N] beside it as PATH's stem + .labels.pt (default: not saved)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed and --batch-size draw the same images (default: 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                    help="auto: cuda, else mps, else cpu (default: auto)")
@@ -209,33 +227,97 @@ def add_sample_parser(subparsers) -> None:
     p.set_defaults(run=run_sample)
 
 
+def parse_labels(values: list[str], num_classes: int) -> list[int]:
+    """The classes named by --label values such as "7" or "0-9", in order, checked against
+    the model's `num_classes`."""
+    labels = []
+    for value in values:
+        first, dash, last = value.partition("-")
+        try:
+            span = range(int(first), int(last) + 1) if dash else [int(first)]
+        except ValueError:
+            raise ValueError(f"--label {value!r} is not a class index or a range such as 0-9") from None
+        if not span:
+            raise ValueError(f"--label {value} is an empty range; write it low-high, e.g. 0-9")
+        for label in span:
+            if not 0 <= label < num_classes:
+                raise ValueError(f"--label {label} is not a class of this model, which has classes "
+                                 f"0-{num_classes - 1}")
+            labels.append(label)
+    return labels
+
+
+def _conditioning(args, model, info) -> tuple[list[int] | None, float]:
+    """Check --label and --guidance against the model: (the classes to draw or None, w)."""
+    asked = [flag for flag, value in (("--label", args.label), ("--guidance", args.guidance))
+             if value is not None]
+    if model.num_classes is None:
+        if asked:
+            raise ValueError(f"{' and '.join(asked)} {'need' if len(asked) > 1 else 'needs'} a "
+                             f"class-conditional model, but {info['path']} "
+                             "was trained without --class-conditional; drop them, or train one with "
+                             "train --class-conditional")
+        return None, 0.0
+    guidance = 0.0 if args.guidance is None else args.guidance
+    if not guidance >= 0:
+        raise ValueError(f"--guidance must be at least 0 (0 is plain conditional sampling); got {args.guidance}")
+    if args.guidance is not None and args.label is None:
+        raise ValueError("--guidance needs --label: guidance pushes samples towards a class")
+    return (parse_labels(args.label, model.num_classes) if args.label else None), guidance
+
+
+def draw(diffusion, model, info, n: int, args, generator, labels: torch.Tensor | None = None,
+         guidance: float = 0.0) -> torch.Tensor:
+    """n samples [n, C, H, W] on the CPU, args.batch_size at a time (labels [n] or None)."""
+    chunks = []
+    for first in range(0, n, args.batch_size):
+        size = min(args.batch_size, n - first)
+        part = None if labels is None else labels[first:first + size].to(generator.device)
+        chunks.append(diffusion.sample(
+            model, (size, *info["image_shape"]), sampler=args.sampler, steps=args.steps, eta=args.eta,
+            generator=generator, progress=not args.no_progress, device=generator.device, labels=part,
+            guidance_scale=guidance if part is not None else None,
+            null_label=model.num_classes).cpu())
+    return torch.cat(chunks)
+
+
 def run_sample(args) -> int:
     if args.n < 1 or args.batch_size < 1:
         raise ValueError("--n and --batch-size must be at least 1")
     device = pick_device(args.device)
     model, diffusion, info = load_model(args.checkpoint, device=device, ema=True)
+    classes, guidance = _conditioning(args, model, info)
     if args.sampler == "ddim" and args.steps is None:
         args.steps = min(50, diffusion.num_timesteps)
+    labels = None if classes is None else torch.tensor(classes).repeat_interleave(args.n)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     start = time.perf_counter()
-    chunks = []
-    for first in range(0, args.n, args.batch_size):
-        size = min(args.batch_size, args.n - first)
-        chunks.append(diffusion.sample(model, (size, *info["image_shape"]), sampler=args.sampler,
-                                       steps=args.steps, eta=args.eta, generator=generator,
-                                       progress=not args.no_progress, device=device).cpu())
-    images = torch.cat(chunks)
+    images = draw(diffusion, model, info, len(labels) if labels is not None else args.n, args, generator,
+                  labels, guidance)
     seconds = time.perf_counter() - start
 
-    out = viz.save_grid(images, args.out, nrow=args.nrow or math.ceil(math.sqrt(args.n)))
-    print(f"{args.n} samples from {info['path']} (step {info['step']}), {args.sampler} "
+    # With labels, one row per class (N of each); else a square grid.
+    nrow = args.nrow or (args.n if classes else math.ceil(math.sqrt(args.n)))
+    out = viz.save_grid(images, args.out, nrow=nrow)
+    what = "" if classes is None else f" of class{'es' if len(classes) > 1 else ''} {','.join(map(str, classes))} (guidance w={guidance:g})"
+    print(f"{len(images)} samples{what} from {info['path']} (step {info['step']}), {args.sampler} "
           f"{args.steps or diffusion.num_timesteps} steps, {seconds:.1f} s -> {out}")
     if args.save_samples:
         path = Path(args.save_samples)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(viz.to_uint8(images), path)
         print(f"uint8 tensor {list(images.shape)} -> {path}")
+        if labels is not None:
+            label_path = labels_path(path)
+            torch.save(labels, label_path)
+            print(f"labels {list(labels.shape)} -> {label_path}")
     return 0
+
+
+def labels_path(samples_path: str | Path) -> Path:
+    """Where `sample --save-samples PATH --label ...` writes the labels: PATH's stem + .labels.pt."""
+    path = Path(samples_path)
+    return path.with_name(path.stem + ".labels.pt")
 
 
 # ------------------------------------------------------------------ evaluate
@@ -307,6 +389,10 @@ def add_evaluate_parser(subparsers) -> None:
                         help="fid: ddpm runs all T steps, ddim --steps (default: ddim)")
     parser.add_argument("--steps", type=int, default=None, help="fid: DDIM steps (default: 50)")
     parser.add_argument("--eta", type=float, default=0.0, help="fid: DDIM noise (default: 0)")
+    parser.add_argument("--guidance", type=float, default=None, metavar="W",
+                        help="fid of a class-conditional model: the guidance weight w >= 0; it draws "
+                        "the classes in turn and also reports the fraction classified as the class "
+                        "asked for (default: 0)")
     parser.add_argument("--timesteps", type=int, default=None,
                         help="bpd: terms of the bound to evaluate, an unbiased stratified estimate "
                         "when fewer than T (default: all T)")
@@ -330,6 +416,16 @@ def run_evaluate(args) -> int:
         raise ValueError("--n must be at least 2 and --batch-size at least 1")
     device = pick_device(args.device)
     model, diffusion, info = load_model(args.checkpoint, device=device, ema=True)
+    guidance = 0.0
+    if args.guidance is not None:
+        if args.metric != "fid":
+            raise ValueError("--guidance applies to --metric fid (bits/dim is of the unconditional model)")
+        if model.num_classes is None:
+            raise ValueError(f"--guidance needs a class-conditional model, but {info['path']} was "
+                             "trained without --class-conditional; drop it")
+        if not args.guidance >= 0:
+            raise ValueError(f"--guidance must be at least 0 (0 is plain conditional sampling); got {args.guidance}")
+        guidance = args.guidance
     train_config = info.get("train_config") or {}
     dataset = train_config.get("dataset")
     if dataset is None:
@@ -370,18 +466,18 @@ def run_evaluate(args) -> int:
         steps = args.steps if args.sampler == "ddim" else None
         if args.sampler == "ddim" and steps is None:
             steps = min(50, diffusion.num_timesteps)
-        samples = []
-        for first in range(0, args.n, args.batch_size):
-            size = min(args.batch_size, args.n - first)
-            samples.append(diffusion.sample(model, (size, *info["image_shape"]), sampler=args.sampler,
-                                            steps=steps, eta=args.eta, generator=generator,
-                                            progress=not args.no_progress, device=device).cpu())
-        samples = torch.cat(samples)
+        args.steps = steps
+        # A class-conditional model draws the classes in turn, image i of class i mod K.
+        labels = None if model.num_classes is None else torch.arange(args.n) % model.num_classes
+        samples = draw(diffusion, model, info, args.n, args, generator, labels, guidance)
         scores = sample_quality(samples, dataset, classifier=classifier, seed=args.seed, root=root)
         scores["smudges"] = smudge_fraction(samples, classifier=classifier)
         scores["noisy"] = noise_fraction(samples, dataset, root=root)
         classes = class_probabilities(classifier, samples).argmax(1)
         scores["class_counts"] = torch.bincount(classes, minlength=classifier.config["num_classes"]).tolist()
+        if labels is not None:
+            scores["guidance"] = guidance
+            scores["accuracy"] = (classes == labels).double().mean().item()
         result.update(
             sampler=args.sampler, steps=steps or diffusion.num_timesteps, eta=args.eta, **scores,
             score="Fréchet distance in the features of the naivediffusion classifier (not Inception FID)",
@@ -393,6 +489,9 @@ def run_evaluate(args) -> int:
                    f"smudges (top class probability < 0.5) {scores['smudges']:.1%}; noisy (rougher "
                    f"than 99.9% of test digits) {scores['noisy']:.1%}; samples per class "
                    f"{scores['class_counts']}")
+        if labels is not None:
+            summary += (f"; guidance w={guidance:g}: {scores['accuracy']:.1%} classified as the class "
+                        "asked for")
 
     result["seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out)

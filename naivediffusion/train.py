@@ -131,6 +131,12 @@ class TrainConfig:
     loss_weighting: str = "none"  # "none" (L_simple, Eq. 14) or "min-snr" (Hang et al. 2023)
     min_snr_gamma: float = 5.0  # gamma of Min-SNR-gamma (the paper's default)
     max_minutes: float | None = None  # end after this much training time, as if `steps` were reached
+    # Classifier-free guidance (Ho & Salimans 2022): learn eps(x_t, c) and, through a null
+    # class, the unconditional eps(x_t) in one network. Each training image's label is
+    # replaced by the null class with probability p_uncond, per image (the paper tries 0.1
+    # and 0.2).
+    class_conditional: bool = False
+    p_uncond: float = 0.1
     precision: str = "auto"  # "auto", "fp32", "bf16" or "fp16"
     compile: bool = False  # torch.compile the network
     device: str = "auto"  # "auto", "cpu", "cuda" or "mps"
@@ -172,6 +178,11 @@ class TrainConfig:
             raise ValueError(f"min_snr_gamma must be positive (the paper uses 5); got {self.min_snr_gamma}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be positive (or None for no time limit); got {self.max_minutes}")
+        if not 0.0 <= self.p_uncond <= 1.0:
+            raise ValueError(f"p_uncond must be a probability in [0, 1] (0.1 is usual); got {self.p_uncond}")
+        if self.class_conditional and self.dataset.startswith(FOLDER_PREFIX):
+            raise ValueError("a folder of images has no class labels, so it cannot train a class-conditional "
+                             "model; drop --class-conditional, or use mnist, fashion-mnist or cifar10")
 
     @classmethod
     def for_dataset(cls, name: str, **overrides) -> TrainConfig:
@@ -539,9 +550,12 @@ class Trainer:
         # The network: a preset, sized to the data. The preset's image_size stays the
         # reference for its attention resolutions; the size the data has is checked here,
         # before any data is read.
-        channels, size, _ = dataset_info(config.dataset, config.image_size)
+        channels, size, num_classes = dataset_info(config.dataset, config.image_size)
         self.image_shape = (channels, size, size)
         overrides = dict(in_channels=channels, **config.model_overrides)
+        if config.class_conditional:
+            # One embedding row per class plus the null class, index num_classes (see UNet).
+            overrides["num_classes"] = num_classes
         if config.dropout is not None:
             overrides["dropout"] = config.dropout
         self.model = UNet.from_preset(config.model, **overrides)
@@ -638,26 +652,41 @@ class Trainer:
     def _time_is_up(self) -> bool:
         return self.config.max_minutes is not None and self.elapsed >= self.config.max_minutes * 60.0
 
-    def predict(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """The network eps_theta(x_t, t) under mixed precision.
+    def predict(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """The network's output for (x_t, t) (and class labels, for a conditional model)
+        under mixed precision.
 
         Autocast covers only the network: the forward process q_sample and the squared
         error stay float32, and `Diffusion.loss` casts the output back to float32.
         """
         x_t = x_t.contiguous(memory_format=self.memory_format)
+        extra = () if labels is None else (labels,)
         if self.amp_dtype is None:
-            return self.network(x_t, t)
+            return self.network(x_t, t, *extra)
         with torch.autocast(self.device.type, dtype=self.amp_dtype):
-            return self.network(x_t, t)
+            return self.network(x_t, t, *extra)
 
-    def train_step(self, x0: Tensor) -> Tensor:
-        """One step of Algorithm 1 on a batch x0 [B, C, H, W] in [-1, 1]; returns the loss (0-dim)."""
+    def train_step(self, x0: Tensor, labels: Tensor | None = None) -> Tensor:
+        """One step of Algorithm 1 on a batch x0 [B, C, H, W] in [-1, 1]; returns the loss (0-dim).
+
+        A class-conditional run also takes the batch's labels [B]: each is replaced by the
+        null class with probability `p_uncond`, drawn per image from the noise generator
+        after t and eps.
+        """
+        cfg = self.config
+        if cfg.class_conditional != (labels is not None):
+            raise ValueError("a class-conditional run's train_step needs the batch's labels, and an "
+                             "unconditional run's takes none")
         x0 = x0.to(self.device, non_blocking=True)
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=self.device,
                           generator=self.noise_generator)
         noise = torch.randn(x0.shape, device=self.device, generator=self.noise_generator)
-        loss = self.diffusion.loss(self.predict, x0, t=t, noise=noise, weighting=self.config.loss_weighting,
-                                   min_snr_gamma=self.config.min_snr_gamma)
+        conditioning = {}
+        if labels is not None:
+            conditioning = dict(labels=labels.to(self.device, non_blocking=True), p_uncond=cfg.p_uncond,
+                                null_label=self.model.num_classes, generator=self.noise_generator)
+        loss = self.diffusion.loss(self.predict, x0, t=t, noise=noise, weighting=cfg.loss_weighting,
+                                   min_snr_gamma=cfg.min_snr_gamma, **conditioning)
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -671,7 +700,7 @@ class Trainer:
         return loss.detach()  # stays on the device: reading it here would make the GPU wait
 
     def batches(self):
-        """An endless iterator of image batches [B, C, H, W], from the current data position."""
+        """An endless iterator of (images [B, C, H, W], labels [B]), from the current data position."""
         cfg = self.config
         sampler = EpochBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed, self.epoch, self.position)
         if cfg.num_workers is not None:
@@ -685,8 +714,7 @@ class Trainer:
             # from the global generator and shift dropout's random stream.
             generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "workers", self.step)),
         )
-        for images, _ in loader:
-            yield images
+        yield from loader
 
     def _advance_data_position(self) -> None:
         self.position += 1
@@ -725,7 +753,8 @@ class Trainer:
             with _StopOnSignal() as stop:
                 while self.step < (self.planned_steps or cfg.steps) and not self._time_is_up():
                     start = time.perf_counter()
-                    loss = self.train_step(next(batches))
+                    images, labels = next(batches)
+                    loss = self.train_step(images, labels) if cfg.class_conditional else self.train_step(images)
                     self.step += 1
                     self._advance_data_position()
                     seconds = time.perf_counter() - start
@@ -826,20 +855,26 @@ class Trainer:
     def sample(self, n: int | None = None, steps: int | None = None) -> Tensor:
         """n images [n, C, H, W] in [-1, 1] from the EMA model with DDIM (fast: `sample_steps`
         steps rather than T). The same starting noise every time, so grids from successive
-        steps show the same images taking shape."""
+        steps show the same images taking shape. A class-conditional model draws image i as
+        class i mod num_classes, without guidance (w = 0)."""
         n = n or self.config.num_sample_images
         steps = min(steps or self.config.sample_steps, self.diffusion.num_timesteps)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(derive_seed(self.config.seed, "samples"))
+        labels = None
+        if self.model.num_classes is not None:
+            labels = torch.arange(n, device=self.device) % self.model.num_classes
         return self.diffusion.sample(self.ema.module, (n, *self.image_shape), sampler="ddim",
                                      steps=steps, generator=generator, progress=False,
-                                     device=self.device)
+                                     device=self.device, labels=labels)
 
     def save_samples(self) -> Path:
-        """Save a grid of EMA samples to run_dir/samples/step_NNNNNN.png."""
+        """Save a grid of EMA samples to run_dir/samples/step_NNNNNN.png (a conditional
+        model's with one column per class)."""
         images = self.sample()
+        nrow = self.model.num_classes or math.ceil(math.sqrt(images.shape[0]))
         path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
-        return viz.save_grid(images, path, nrow=math.ceil(math.sqrt(images.shape[0])))
+        return viz.save_grid(images, path, nrow=nrow)
 
     # -------------------------------------------------------------- state
 

@@ -186,7 +186,7 @@ def test_run_folder_contents(trained_run):
 def first_batches(trainer: Trainer, n: int) -> list[torch.Tensor]:
     batches = trainer.batches()
     try:
-        return [next(batches) for _ in range(n)]
+        return [next(batches)[0] for _ in range(n)]
     finally:
         batches.close()
 
