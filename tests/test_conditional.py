@@ -7,12 +7,12 @@ line with exit status 2 and nothing written."""
 import pytest
 import torch
 from PIL import Image
+from test_cli import TINY, assert_one_line_error, grid_size
+from test_train import assert_same_state, tiny_config
 
 from naivediffusion import Diffusion
 from naivediffusion.__main__ import labels_path, main, parse_labels
 from naivediffusion.train import TrainConfig, Trainer, load_checkpoint, load_model
-from test_cli import TINY, assert_one_line_error, grid_size
-from test_train import assert_same_state, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
