@@ -2,6 +2,7 @@
 
     python -m naivediffusion train --dataset mnist                  # about 10 minutes on a T4
     python -m naivediffusion train --resume --run-dir runs/mnist    # continue after a crash
+    torchrun --nproc_per_node=4 -m naivediffusion train --dataset cifar10   # 4 GPUs, one global batch
     python -m naivediffusion sample --checkpoint runs/mnist/ema.pt --n 64 --out grid.png
 
 Each subcommand is one function that adds its parser (`add_train_parser`, ...) and one
@@ -43,7 +44,10 @@ from .train import (
     PRETRAINED_PREFIX,
     TrainConfig,
     Trainer,
+    TrainingDivergedError,
     TrainingInterrupted,
+    distributed_from_env,
+    end_distributed,
     load_model,
     pretrained_names,
 )
@@ -73,7 +77,10 @@ def add_train_parser(subparsers) -> None:
                     "(TrainConfig.for_dataset); CIFAR-10's are the paper's. MNIST and "
                     "Fashion-MNIST on a machine without a GPU default to a network, batch and "
                     "learning rate sized for a CPU (the mnist-small preset); --model mnist "
-                    "gives the full recipe there too.",
+                    "gives the full recipe there too. Under torchrun --nproc_per_node=N, the N "
+                    "processes train one model with DistributedDataParallel: --batch-size is the "
+                    "global batch (a multiple of N), each process takes 1/N of it, only rank 0 "
+                    "writes files, and --resume works with any N.",
     )
     p.add_argument("--dataset", help='"mnist", "fashion-mnist", "cifar10" or "folder:PATH" '
                    "(required for a new run)")
@@ -83,7 +90,8 @@ def add_train_parser(subparsers) -> None:
                    help="continue the run in --run-dir from its checkpoint.pt (its settings are "
                    "kept; --steps may be raised; default: off)")
     p.add_argument("--steps", type=int, help=_per_dataset("training steps", "steps"))
-    p.add_argument("--batch-size", type=int, help=_per_dataset("images per step", "batch_size"))
+    p.add_argument("--batch-size", type=int, help=_per_dataset("images per step (under torchrun: over "
+                                                               "all processes together)", "batch_size"))
     p.add_argument("--lr", type=float, help=_per_dataset("peak learning rate of AdamW", "lr"))
     p.add_argument("--warmup-steps", type=int, help=_per_dataset("steps of linear learning-rate warm-up", "warmup_steps"))
     p.add_argument("--lr-schedule", choices=("constant", "cosine"),
@@ -153,6 +161,8 @@ _TRAIN_FIELDS = (
 
 
 def run_train(args) -> int:
+    """Train (or resume) the run the flags describe. Under torchrun every process runs this;
+    rank 0 alone prints, and all leave the process group together at the end."""
     given = {name: getattr(args, name) for name in _TRAIN_FIELDS if getattr(args, name) is not None}
     if args.base_channels is not None:
         given["model_overrides"] = {"base_channels": args.base_channels}
@@ -170,18 +180,50 @@ def run_train(args) -> int:
         trainer = Trainer(TrainConfig.for_dataset(given.pop("dataset"), **given))
 
     cfg = trainer.config
+    main_process = trainer.dist.is_main
     millions = trainer.model.count_parameters() / 1e6
     verb = f"resuming at step {trainer.step}" if args.resume else "training"
     conditional = (f", class-conditional (p_uncond {cfg.p_uncond:g})" if cfg.class_conditional else "")
-    print(f"{verb}: {cfg.dataset} {'x'.join(map(str, trainer.image_shape))}, UNet {cfg.model!r} "
-          f"({millions:.1f}M parameters{conditional}), {trainer.device.type} {trainer.precision}, batch "
-          f"{cfg.batch_size}, {cfg.steps} steps -> {trainer.run_dir}", flush=True)
-    result = trainer.train(progress=not args.no_progress)
-    print(f"done: step {result['step']} in {result['elapsed']:.0f} s; final loss "
-          f"{result['loss']:.4f}" if result["loss"] is not None else f"done: step {result['step']}")
-    print(f"EMA weights: {result['ema']}   checkpoint: {result['checkpoint']}"
-          + (f"   samples: {result['samples']}" if result["samples"] else ""))
+    processes = (f" on {trainer.dist.world_size} processes ({cfg.batch_size // trainer.dist.world_size} each)"
+                 if trainer.dist.enabled else "")
+    if main_process:
+        print(f"{verb}: {cfg.dataset} {'x'.join(map(str, trainer.image_shape))}, UNet {cfg.model!r} "
+              f"({millions:.1f}M parameters{conditional}), {trainer.device.type} {trainer.precision}, batch "
+              f"{cfg.batch_size}{processes}, {cfg.steps} steps -> {trainer.run_dir}", flush=True)
+    try:
+        result = trainer.train(progress=not args.no_progress)
+    except RuntimeError as err:
+        if trainer.dist.enabled and _lost_another_process(err):
+            raise ValueError(f"another process of this run failed, so this one stops too: its error is "
+                             f"printed above, and torchrun's report names it ({_first_line(err)})") from err
+        raise
+    except (TrainingInterrupted, TrainingDivergedError) as stop:
+        # Every process stopped at the same step with the same error: they leave together, and
+        # rank 0 alone says why (main prints it); the others end with the same exit status.
+        end_distributed()
+        if main_process:
+            raise
+        return stop.exit_code if isinstance(stop, TrainingInterrupted) else EXIT_USAGE
+    end_distributed()
+    if main_process:
+        print(f"done: step {result['step']} in {result['elapsed']:.0f} s; final loss "
+              f"{result['loss']:.4f}" if result["loss"] is not None else f"done: step {result['step']}")
+        print(f"EMA weights: {result['ema']}   checkpoint: {result['checkpoint']}"
+              + (f"   samples: {result['samples']}" if result["samples"] else ""))
     return 0
+
+
+def _lost_another_process(err: RuntimeError) -> bool:
+    """Whether `err` is torch.distributed saying that another process of the run is gone: gloo
+    finds the connection closed, nccl raises a DistError. The process that failed has printed
+    its own error; this one should only say why it stops."""
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    return "Connection closed by peer" in str(err) or "Connection reset by peer" in str(err)
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 # ------------------------------------------------------------------ sample
@@ -518,6 +560,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _which_process() -> str:
+    """" (rank R of N)" under torchrun, where each process prints its own errors, else ""."""
+    try:
+        where = distributed_from_env()
+    except ValueError:
+        return ""
+    return f" (rank {where.rank} of {where.world_size})" if where.enabled else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 on success, 2 for a bad input)."""
     args = build_parser().parse_args(argv)
@@ -526,11 +577,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         # The package's own errors (CheckpointError, TrainingDivergedError and a missing
         # dataset are among them) say what is wrong and how to fix it: one line, no traceback.
+        # Under torchrun the line names the process that failed; torchrun then stops the others.
         message = " ".join(str(err).split()) or type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error{_which_process()}: {message}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingInterrupted as stop:
-        print(f"{stop}; continue with: python -m naivediffusion train --resume --run-dir "
+        where = distributed_from_env()  # under torchrun, the same command continues it
+        launcher = f"torchrun --nproc_per_node={where.world_size}" if where.enabled else "python"
+        print(f"{stop}; continue with: {launcher} -m naivediffusion train --resume --run-dir "
               f"{shlex.quote(str(stop.checkpoint.parent))}", file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:

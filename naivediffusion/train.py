@@ -343,15 +343,24 @@ class EpochBatchSampler(Sampler):
 
     Starting at (epoch, position) continues an interrupted run exactly where it stopped,
     with no need to replay the batches before it.
+
+    Under torchrun, `batch_size` is the global batch and process `rank` of `world_size`
+    gets only its slice of each one: indices [rank * b, (rank + 1) * b) with
+    b = batch_size // world_size. Every process computes the same order, so the slices
+    together are exactly the batch that one process would have taken.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int = 0, position: int = 0):
+    def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int = 0, position: int = 0,
+                 rank: int = 0, world_size: int = 1):
         if num_samples < batch_size:
             raise ValueError(f"the dataset has {num_samples} images, fewer than one batch of "
                              f"{batch_size}; use a smaller --batch-size")
+        check_global_batch(batch_size, world_size)
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.epoch, self.position = epoch, position
         self.batches_per_epoch = num_samples // batch_size
+        per_rank = batch_size // world_size
+        self.rank_slice = slice(rank * per_rank, (rank + 1) * per_rank)
 
     def order(self, epoch: int) -> Tensor:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
@@ -362,8 +371,108 @@ class EpochBatchSampler(Sampler):
         while True:
             order = self.order(epoch)
             for i in range(position, self.batches_per_epoch):
-                yield order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
+                batch = order[i * self.batch_size:(i + 1) * self.batch_size]  # the global batch
+                yield batch[self.rank_slice].tolist()
             epoch, position = epoch + 1, 0
+
+
+# ------------------------------------------------------ many processes (torchrun)
+#
+# `torchrun --nproc_per_node=N -m naivediffusion train ...` starts N copies of the same
+# program and tells each, through environment variables, which one it is. Data-parallel
+# training then needs three things from us: every process starts from the same weights,
+# takes its own slice of one global batch, and gets the same averaged gradient, which
+# DistributedDataParallel (DDP) computes by all-reducing the gradients during backward().
+# With equal slices and each process's loss the mean over its slice, the average of the
+# N gradients is the gradient of the mean over the global batch: N processes take the
+# very steps that one process with the whole batch would take (up to float rounding).
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process stands in a torchrun launch: process `rank` of `world_size`,
+    the `local_rank`-th on its machine (which picks its GPU).
+
+    A plain `python -m naivediffusion train` is Distributed(): world_size 1, rank 0,
+    `enabled` False, and then nothing distributed happens, not even a process group.
+    """
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes files and prints."""
+        return self.rank == 0
+
+
+def distributed_from_env() -> Distributed:
+    """This process's place in a torchrun launch, from the WORLD_SIZE, RANK and LOCAL_RANK
+    variables that torchrun sets; one process when WORLD_SIZE is absent or 1."""
+    env = os.environ
+    try:
+        world_size = int(env.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            return Distributed()
+        rank, local_rank = int(env["RANK"]), int(env["LOCAL_RANK"])
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"WORLD_SIZE={env.get('WORLD_SIZE')!r}, RANK={env.get('RANK')!r} and "
+                         f"LOCAL_RANK={env.get('LOCAL_RANK')!r} do not describe a torchrun process "
+                         f"({type(err).__name__}: {err}); start many processes with torchrun "
+                         "--nproc_per_node=N, or unset WORLD_SIZE for one") from None
+    if not 0 <= rank < world_size or local_rank < 0:
+        raise ValueError(f"RANK={rank} and LOCAL_RANK={local_rank} do not fit WORLD_SIZE={world_size}; "
+                         "start many processes with torchrun --nproc_per_node=N")
+    return Distributed(world_size, rank, local_rank)
+
+
+def check_global_batch(batch_size: int, world_size: int) -> None:
+    """Raise ValueError unless the global batch splits into `world_size` equal slices
+    (unequal slices would weight the images of the smaller ones more in the average)."""
+    if batch_size % world_size:
+        lower = batch_size // world_size * world_size
+        options = " or ".join(str(b) for b in (lower, lower + world_size) if b > 0)
+        raise ValueError(f"--batch-size {batch_size} is the global batch, split evenly over the "
+                         f"{world_size} processes, but {batch_size} is not divisible by {world_size}; "
+                         f"use a multiple of {world_size} (e.g. {options}) or another --nproc_per_node")
+
+
+def init_distributed(where: Distributed, device: torch.device) -> torch.device:
+    """Join the process group of a torchrun launch; returns this process's device.
+
+    "nccl" moves gradients GPU to GPU, so on CUDA each process takes the GPU cuda:LOCAL_RANK;
+    "gloo" runs on the CPU. torchrun's MASTER_ADDR and MASTER_PORT say where to meet
+    (init_method "env://"). A group that already exists (made by the caller) is reused.
+    """
+    if not torch.distributed.is_available():
+        raise ValueError("this PyTorch was built without torch.distributed, so it cannot train with "
+                         "many processes; run one process (python -m naivediffusion train)")
+    if device.type == "mps":
+        raise ValueError("training with many processes needs --device cuda or cpu; MPS has no "
+                         "backend for torch.distributed")
+    if device.type == "cuda":
+        if where.local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {where.local_rank} has no GPU: this machine has "
+                             f"{torch.cuda.device_count()}; start at most that many processes with "
+                             "torchrun --nproc_per_node")
+        device = torch.device("cuda", where.local_rank)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def end_distributed() -> None:
+    """Leave the process group, if this process joined one (call it when every process has
+    finished, on the way out: torch warns about a group that was never destroyed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------- checkpoints
@@ -525,6 +634,13 @@ class Trainer:
     - ema.pt, at the end: the EMA weights and the configs only, the file to ship.
     A new Trainer refuses a run_dir that already holds a checkpoint; `Trainer.resume`
     continues it.
+
+    Under torchrun (WORLD_SIZE > 1) it joins the process group and wraps the network in
+    DistributedDataParallel. `config.batch_size` is then the global batch: each of the N
+    processes reads its slice of it and of one global draw of t, eps (and the label drop
+    mask), and only rank 0 writes the files above; the logged loss is the mean over the
+    global batch. Every process holds the same weights, EMA and optimizer state after each
+    step, and a checkpoint resumes with any number of processes.
     """
 
     def __init__(self, config: TrainConfig, *, checkpoint: dict | None = None):
@@ -535,7 +651,11 @@ class Trainer:
             raise ValueError(f"{self.run_dir} already holds a checkpoint{_step_of(self.checkpoint_path)}; "
                              "pass --resume to continue it (Trainer.resume in Python) or choose "
                              "another --run-dir")
+        self.dist = distributed_from_env()
+        check_global_batch(config.batch_size, self.dist.world_size)  # before anything is built
         self.device = pick_device(config.device)
+        if self.dist.enabled:
+            self.device = init_distributed(self.dist, self.device)
         self.precision = resolve_precision(config.precision, self.device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         cuda = self.device.type == "cuda"
@@ -561,10 +681,14 @@ class Trainer:
         self.model = UNet.from_preset(config.model, **overrides)
         self.model.check_size(size, size)
         self.model.to(self.device, memory_format=self.memory_format)
-        self.network = torch.compile(self.model) if config.compile else self.model
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_update_fn(config.ema_decay, config.ema_warmup),
                                  use_buffers=True)
         self.ema.eval()  # it is only ever sampled from
+        # What train_step calls: the model, under torchrun wrapped in DDP (made after the EMA's
+        # copy, so the copy carries none of DDP's hooks), then maybe compiled (DDP first, as
+        # torch.compile expects). self.model stays the plain UNet the optimizer and EMA see.
+        network = self._wrap_for_processes(self.model)
+        self.network = torch.compile(network) if config.compile else network
 
         self.diffusion = Diffusion(config.timesteps, config.schedule, config.objective, config.variance)
         self.dataset = load_dataset(config.dataset, root=config.data_root, train=True,
@@ -587,6 +711,11 @@ class Trainer:
         # fp16 has a narrow range: small gradients underflow to 0 unless the loss is scaled
         # up first (and the gradients scaled back down before the step). bf16 does not need it.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        # The group on which processes agree on host numbers once per step (see `_agree`):
+        # gloo, which reduces CPU tensors; nccl only reduces GPU ones.
+        self._host_group = None
+        if self.dist.enabled and torch.distributed.get_backend() != "gloo":
+            self._host_group = torch.distributed.new_group(backend="gloo")
         # t and eps of the loss come from their own generator, dropout from the global one.
         self.noise_generator = torch.Generator(device=self.device)
         self.noise_generator.manual_seed(derive_seed(config.seed, "noise"))
@@ -630,6 +759,46 @@ class Trainer:
                              f"{config.steps}; pass a larger --steps to train further")
         return cls(config, checkpoint=checkpoint)
 
+    # ------------------------------------------------------- many processes
+
+    def _wrap_for_processes(self, model: UNet) -> torch.nn.Module:
+        """`model` in DistributedDataParallel under torchrun, else `model` itself.
+
+        DDP copies rank 0's weights to every process once, here, and from then on averages
+        the gradients over the processes during each backward(), so that every process's
+        optimizer takes the same step and the weights stay equal without being sent again.
+        """
+        if not self.dist.enabled:
+            return model
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def _rank_slice(self, tensor: Tensor) -> Tensor:
+        """This process's rows of a global draw [B, ...]: [B / N, ...], rows rank * B / N on
+        (all of it for one process)."""
+        if not self.dist.enabled:
+            return tensor
+        per_rank = tensor.shape[0] // self.dist.world_size
+        return tensor[self.dist.rank * per_rank:(self.dist.rank + 1) * per_rank]
+
+    def _agree(self, signum: int | None) -> int | None:
+        """Under torchrun: make every process take the same decisions at this step.
+
+        Each process times its own steps and gets its own signals (torchrun passes a Ctrl-C
+        on to every process, but not at the same instant), so left alone one might stop a
+        step earlier than the others and leave them waiting for it forever. Once per step
+        they all-reduce (max) two host numbers on a CPU (gloo) group: the training time, so
+        that the --max-minutes plan and the time-up check agree, and the signal, so that all
+        stop at the same step. It is the only per-step exchange besides DDP's gradients; it
+        never waits for the GPU, only for the slowest process, which DDP waits for anyway.
+
+        Returns the signal number that stops the run, or None; sets self.elapsed to the max.
+        """
+        values = torch.tensor([self.elapsed, float(signum or 0)], dtype=torch.float64)
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX, group=self._host_group)
+        self.elapsed = values[0].item()
+        return int(values[1].item()) or None
+
     # ---------------------------------------------------------------- one step
 
     def lr_factor(self, step: int) -> float:
@@ -672,24 +841,36 @@ class Trainer:
         A class-conditional run also takes the batch's labels [B]: each is replaced by the
         null class with probability `p_uncond`, drawn per image from the noise generator
         after t and eps.
+
+        Under torchrun x0 is this process's slice [B / N, C, H, W] of the global batch of B
+        images. Every process draws t [B], eps [B, C, H, W] (and the drop mask [B]) for the
+        whole global batch from the same noise generator and keeps its rows, so that the N
+        processes together use exactly the noise that one process would.
         """
         cfg = self.config
         if cfg.class_conditional != (labels is not None):
             raise ValueError("a class-conditional run's train_step needs the batch's labels, and an "
                              "unconditional run's takes none")
         x0 = x0.to(self.device, non_blocking=True)
-        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=self.device,
+        batch = x0.shape[0] * self.dist.world_size  # the global batch
+        t = torch.randint(0, self.diffusion.num_timesteps, (batch,), device=self.device,
                           generator=self.noise_generator)
-        noise = torch.randn(x0.shape, device=self.device, generator=self.noise_generator)
+        noise = torch.randn((batch, *x0.shape[1:]), device=self.device, generator=self.noise_generator)
         conditioning = {}
         if labels is not None:
-            conditioning = dict(labels=labels.to(self.device, non_blocking=True), p_uncond=cfg.p_uncond,
-                                null_label=self.model.num_classes, generator=self.noise_generator)
+            conditioning = dict(labels=labels.to(self.device, non_blocking=True),
+                                null_label=self.model.num_classes)
+            if cfg.p_uncond > 0:
+                # One coin per image, after t and eps: the draw Diffusion.loss makes itself when
+                # given the generator (and none when p_uncond is 0), so one process is unchanged.
+                drop = torch.rand(batch, device=self.device, generator=self.noise_generator) < cfg.p_uncond
+                conditioning["drop_mask"] = self._rank_slice(drop)
+        t, noise = self._rank_slice(t), self._rank_slice(noise)
         loss = self.diffusion.loss(self.predict, x0, t=t, noise=noise, weighting=cfg.loss_weighting,
                                    min_snr_gamma=cfg.min_snr_gamma, **conditioning)
 
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss).backward()  # under DDP: gradients averaged over the processes here
         if self.config.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not scaled ones
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
@@ -700,9 +881,11 @@ class Trainer:
         return loss.detach()  # stays on the device: reading it here would make the GPU wait
 
     def batches(self):
-        """An endless iterator of (images [B, C, H, W], labels [B]), from the current data position."""
+        """An endless iterator of (images [B, C, H, W], labels [B]), from the current data position
+        (under torchrun this process's slices, [B / N, C, H, W] and [B / N])."""
         cfg = self.config
-        sampler = EpochBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed, self.epoch, self.position)
+        sampler = EpochBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed, self.epoch, self.position,
+                                    rank=self.dist.rank, world_size=self.dist.world_size)
         if cfg.num_workers is not None:
             workers = cfg.num_workers
         else:
@@ -738,17 +921,24 @@ class Trainer:
             TrainingInterrupted: Ctrl-C (SIGINT) or SIGTERM arrived; the step under way was
                 finished and a checkpoint written at it, from which `Trainer.resume`
                 continues exactly as if nothing had happened.
+
+        Under torchrun every process runs this loop in step with the others: they agree after
+        each step on the time and on any signal (`_agree`), so all stop at the same step, and
+        both exceptions are raised on every process. Only rank 0 writes and shows progress.
         """
         cfg = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._trim_log()
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._trim_log()
         batches = self.batches()
-        bar = tqdm(total=self.planned_steps or cfg.steps, initial=self.step, disable=not progress,
+        bar = tqdm(total=self.planned_steps or cfg.steps, initial=self.step,
+                   disable=not (progress and self.dist.is_main),
                    unit="step", desc=f"train {cfg.dataset}", dynamic_ncols=True)
         self._interval = {"first": self.step + 1, "loss": None, "steps": 0, "time": 0.0}
         record, grid = None, None
         plan_at = max(self.PLAN_AFTER, cfg.warmup_steps)
         mark = None  # (step, elapsed) where the speed measurement of a timed run starts
+        signum = None  # the signal that stops the run (under torchrun, as all processes agreed)
         try:
             with _StopOnSignal() as stop:
                 while self.step < (self.planned_steps or cfg.steps) and not self._time_is_up():
@@ -759,6 +949,8 @@ class Trainer:
                     self._advance_data_position()
                     seconds = time.perf_counter() - start
                     self.elapsed += seconds
+                    if self.dist.enabled:
+                        signum = self._agree(stop.signum)  # one tiny all-reduce per step
                     interval = self._interval
                     interval["loss"] = loss if interval["loss"] is None else interval["loss"] + loss
                     interval["steps"] += 1
@@ -781,15 +973,21 @@ class Trainer:
                         grid = self.save_samples()
                     if self.step % cfg.checkpoint_every == 0 or last:
                         self.save_checkpoint()
-                    if stop.signum is not None:
+                    # One process reads its handler's flag here, as late as possible; many
+                    # read only what they agreed on above, so that none stops alone.
+                    if not self.dist.enabled:
+                        signum = stop.signum
+                    if signum is not None:
                         break
         finally:
             bar.close()
             batches.close()  # stops the loader's worker processes
         if self.last_checkpoint is None or self.last_checkpoint[1] != self.step:
             self.save_checkpoint()
-        if stop.signum is not None:
-            raise TrainingInterrupted(stop.signum, self.checkpoint_path, self.step)
+        if not self.dist.enabled:
+            signum = stop.signum  # also a signal that came after the last step's check
+        if signum is not None:
+            raise TrainingInterrupted(signum, self.checkpoint_path, self.step)
         ema_path = self.save_ema()
         return {
             "step": self.step,
@@ -802,17 +1000,31 @@ class Trainer:
 
     def _check_finite(self) -> float | None:
         """The mean loss of the steps since the last log line, read from the device (the one
-        place the loop waits for it); raises TrainingDivergedError if it is not finite."""
+        place the loop waits for it); raises TrainingDivergedError if it is not finite.
+
+        Under torchrun it is the mean over the global batch: the processes' sums are added
+        up here, once per log line or checkpoint (never per step), and since every process
+        gets the same number, all raise TrainingDivergedError together or none does.
+        """
         interval = self._interval
         if interval["steps"] == 0:
             return None
-        mean = interval["loss"].item() / interval["steps"]
+        total = interval["loss"]
+        if self.dist.enabled:
+            # A copy: the sum may be read twice (a checkpoint, then the log line).
+            total = total.clone()
+            torch.distributed.all_reduce(total)  # the sum over processes of their mean losses
+            total = total / self.dist.world_size  # equal slices: the mean of the means
+        mean = total.item() / interval["steps"]
         if not math.isfinite(mean):
             raise TrainingDivergedError(self._divergence_message(mean, interval["first"]))
         return mean
 
     def _write_log(self) -> dict:
-        """Append the line of the interval that ends at this step to log.jsonl; start a new one."""
+        """Append the line of the interval that ends at this step to log.jsonl; start a new one.
+
+        Every process computes the line (the loss is agreed on); only rank 0 writes it, with
+        the global batch's images per second as rank 0 timed them."""
         interval = self._interval
         record = {
             "step": self.step,
@@ -821,8 +1033,9 @@ class Trainer:
             "images_per_sec": interval["steps"] * self.config.batch_size / max(interval["time"], 1e-9),
             "elapsed": round(self.elapsed, 3),
         }
-        with open(self.run_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.dist.is_main:
+            with open(self.run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
         self._interval = {"first": self.step + 1, "loss": None, "steps": 0, "time": 0.0}
         return record
 
@@ -868,9 +1081,12 @@ class Trainer:
                                      steps=steps, generator=generator, progress=False,
                                      device=self.device, labels=labels)
 
-    def save_samples(self) -> Path:
+    def save_samples(self) -> Path | None:
         """Save a grid of EMA samples to run_dir/samples/step_NNNNNN.png (a conditional
-        model's with one column per class)."""
+        model's with one column per class). Under torchrun only rank 0 draws it (the other
+        processes hold the same EMA) and the others return None."""
+        if not self.dist.is_main:
+            return None
         images = self.sample()
         nrow = self.model.num_classes or math.ceil(math.sqrt(images.shape[0]))
         path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
@@ -939,15 +1155,25 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write run_dir/checkpoint.pt atomically (see `save_atomic`), after checking that the
-        losses since the last log line are finite: a diverged run never overwrites a good one."""
+        losses since the last log line are finite: a diverged run never overwrites a good one.
+
+        Under torchrun every process calls it at the same step (the check is a collective),
+        and rank 0 writes: the state is the same on all, and global (the data position and
+        the noise generator are those of the whole batch), so any number of processes can
+        resume from it."""
         if self._interval is not None:
             self._check_finite()
-        save_atomic(self.state_dict(), self.checkpoint_path)
+        if self.dist.is_main:
+            save_atomic(self.state_dict(), self.checkpoint_path)
         self.last_checkpoint = (self.checkpoint_path, self.step)
         return self.checkpoint_path
 
     def save_ema(self) -> Path:
-        """Write run_dir/ema.pt: the EMA weights with the configs that rebuild the model."""
+        """Write run_dir/ema.pt: the EMA weights with the configs that rebuild the model
+        (under torchrun rank 0 writes it; every process returns its path)."""
+        path = self.run_dir / "ema.pt"
+        if not self.dist.is_main:
+            return path
         weights = {k: v.detach().cpu().contiguous()
                    for k, v in unwrap_state_dict(self.ema.state_dict()).items()}
         release = {
@@ -961,7 +1187,7 @@ class Trainer:
             "diffusion_config": self.diffusion.config,
             "image_shape": list(self.image_shape),
         }
-        return save_atomic(release, self.run_dir / "ema.pt")
+        return save_atomic(release, path)
 
 
 def _step_of(path: Path) -> str:
