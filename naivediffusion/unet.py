@@ -46,10 +46,22 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+def group_norm(channels: int, min_group_channels: int = 1) -> nn.GroupNorm:
     """GroupNorm (Wu & He 2018) with 32 groups as in DDPM, or fewer when 32 does not divide
-    `channels`: gcd(32, channels) keeps every group the same size."""
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    `channels`: gcd(32, channels) keeps every group the same size. The number of groups is
+    halved until each group holds at least `min_group_channels` channels.
+
+    Why the minimum matters: a ResBlock adds the time (and class) embedding as one bias per
+    channel, constant over H and W, right before a GroupNorm. A group of ONE channel is
+    normalised by its own mean over H and W, which removes that bias completely: the block
+    can no longer see t. With 32 groups that happens for every layer of 32 channels or fewer,
+    so the small MNIST networks need groups of several channels (DDPM's 128-channel CIFAR-10
+    network has groups of 4).
+    """
+    groups = math.gcd(32, channels)
+    while groups > 1 and channels // groups < min_group_channels:
+        groups //= 2
+    return nn.GroupNorm(groups, channels)
 
 
 def zero_init(layer: nn.Conv2d) -> nn.Conv2d:
@@ -94,14 +106,17 @@ class ResBlock(nn.Module):
     x: [B, in_channels, H, W], emb: [B, time_dim] -> [B, out_channels, H, W].
     """
 
-    def __init__(self, in_channels: int, out_channels: int, time_dim: int, dropout: float):
+    def __init__(self, in_channels: int, out_channels: int, time_dim: int, dropout: float,
+                 min_group_channels: int = 1):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, min_group_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         # Each block reads the timestep through its own projection: one bias per channel,
         # so the block can behave differently at different noise levels.
         self.time_proj = nn.Linear(time_dim, out_channels)
-        self.norm2 = group_norm(out_channels)
+        # The embedding's per-channel bias survives this norm only as its differences between
+        # the channels of a group (see group_norm).
+        self.norm2 = group_norm(out_channels, min_group_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         # The residual path must have out_channels too; a 1x1 convolution ("nin_shortcut" in
@@ -132,12 +147,12 @@ class AttentionBlock(nn.Module):
     x: [B, C, H, W] -> [B, C, H, W].
     """
 
-    def __init__(self, channels: int, num_heads: int):
+    def __init__(self, channels: int, num_heads: int, min_group_channels: int = 1):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"{channels} channels cannot be split into {num_heads} heads")
         self.num_heads = num_heads
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, min_group_channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))
 
@@ -226,6 +241,9 @@ class UNet(nn.Module):
             `num_classes` is the "null" class (no label), for classifier-free guidance.
         image_size: the reference resolution for `attention_resolutions`; the network itself
             takes any height and width divisible by 2 ** (len(channel_mults) - 1).
+        min_group_channels: the fewest channels per GroupNorm group (`group_norm`); 1 keeps
+            DDPM's 32 groups wherever they fit, which for layers of 32 channels or fewer means
+            groups of one channel that erase the time embedding; the MNIST presets use 4.
 
     forward(x, t, labels=None): x [B, in_channels, H, W], t LongTensor [B] (or one timestep
     for the whole batch), labels LongTensor [B] or None -> [B, in_channels, H, W].
@@ -254,6 +272,7 @@ class UNet(nn.Module):
             num_heads=4,
             dropout=0.1,
             image_size=28,
+            min_group_channels=4,  # see group_norm: groups of one channel would erase t
         ),
         # The CPU-sized network (0.41M parameters): half the channels, attention only at 7x7
         # (49 positions instead of 196), no dropout for runs of minutes. On 2 CPU cores a step
@@ -267,6 +286,7 @@ class UNet(nn.Module):
             num_heads=4,
             dropout=0.0,
             image_size=28,
+            min_group_channels=4,  # see group_norm: groups of one channel would erase t
         ),
     }
 
@@ -281,6 +301,7 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         num_classes: int | None = None,
         image_size: int = 32,
+        min_group_channels: int = 1,
     ):
         super().__init__()
         # Everything needed to rebuild this network: UNet(**model.config). Lists, not tuples,
@@ -295,6 +316,7 @@ class UNet(nn.Module):
             dropout=dropout,
             num_classes=num_classes,
             image_size=image_size,
+            min_group_channels=min_group_channels,
         )
         num_levels = len(channel_mults)
         if num_levels < 1:
@@ -326,7 +348,7 @@ class UNet(nn.Module):
         )
 
         def res_block(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, cout, time_dim, dropout)
+            return ResBlock(cin, cout, time_dim, dropout, min_group_channels)
 
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
@@ -339,7 +361,7 @@ class UNet(nn.Module):
                 blocks = [res_block(ch, base_channels * mult)]
                 ch = base_channels * mult
                 if resolutions[level] in attention_resolutions:
-                    blocks.append(AttentionBlock(ch, num_heads))
+                    blocks.append(AttentionBlock(ch, num_heads, min_group_channels))
                 self.down.append(TimestepSequential(*blocks))
                 skip_channels.append(ch)
             if level < num_levels - 1:
@@ -348,7 +370,7 @@ class UNet(nn.Module):
 
         # Middle, at the smallest size, where attention is cheapest and sees the whole image.
         self.mid = TimestepSequential(
-            res_block(ch, ch), AttentionBlock(ch, num_heads), res_block(ch, ch)
+            res_block(ch, ch), AttentionBlock(ch, num_heads, min_group_channels), res_block(ch, ch)
         )
 
         # Up: every entry first concatenates one skip, the last one saved comes first.
@@ -358,12 +380,12 @@ class UNet(nn.Module):
                 blocks = [res_block(ch + skip_channels.pop(), base_channels * mult)]
                 ch = base_channels * mult
                 if resolutions[level] in attention_resolutions:
-                    blocks.append(AttentionBlock(ch, num_heads))
+                    blocks.append(AttentionBlock(ch, num_heads, min_group_channels))
                 if level > 0 and i == num_res_blocks:
                     blocks.append(Upsample(ch))
                 self.up.append(TimestepSequential(*blocks))
 
-        self.norm_out = group_norm(ch)
+        self.norm_out = group_norm(ch, min_group_channels)
         # Zero-initialised: the untrained network predicts 0 everywhere, a calm start.
         self.conv_out = zero_init(nn.Conv2d(ch, in_channels, 3, padding=1))
 

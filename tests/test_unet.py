@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from naivediffusion.unet import AttentionBlock, UNet, timestep_embedding
+from naivediffusion.unet import AttentionBlock, ResBlock, UNet, group_norm, timestep_embedding
 
 # A small network with the paper's layout (four levels, attention at 16 on 32x32), fast on a CPU.
 TINY = dict(base_channels=16, channel_mults=(1, 2, 2, 2), num_res_blocks=1, num_heads=2)
@@ -298,3 +298,58 @@ def test_channels_last_and_autocast_agree_with_the_plain_forward():
     assert torch.allclose(fast, reference, atol=1e-4)
     assert low.shape == x.shape
     assert (low.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+@pytest.mark.parametrize("channels, minimum, groups", [
+    (16, 1, 16), (32, 1, 32), (128, 1, 32), (48, 1, 16),  # DDPM's rule: gcd(32, channels)
+    (16, 4, 4), (32, 4, 8), (64, 4, 16), (128, 4, 32),  # at least 4 channels per group
+])
+def test_group_norm_groups(channels, minimum, groups):
+    assert group_norm(channels, minimum).num_groups == groups
+
+
+def randomised(model: nn.Module) -> nn.Module:
+    """The network with every weight drawn at random: the zero-initialised output layers of
+    an untrained UNet would hide what the inputs change."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("preset", ["mnist", "mnist-small"])
+def test_every_block_of_the_mnist_presets_sees_the_time_and_the_label(preset):
+    """A ResBlock adds the embedding as a per-channel bias before a GroupNorm; with groups of
+    one channel the norm removes it entirely and the network cannot tell t or the label."""
+    model = randomised(UNet.from_preset(preset, num_classes=10)).eval()
+    x = torch.randn(2, 1, 28, 28)
+    for block in [m for m in model.modules() if isinstance(m, ResBlock)]:
+        h = torch.randn(2, block.conv1.in_channels, 7, 7)
+        e1, e2 = torch.randn(2, block.time_proj.in_features), torch.randn(2, block.time_proj.in_features)
+        with torch.no_grad():
+            assert (block(h, e1) - block(h, e2)).abs().max() > 1e-3
+    with torch.no_grad():
+        out = model(x, torch.tensor([10, 10]), torch.tensor([3, 3]))
+        assert (out - model(x, torch.tensor([900, 900]), torch.tensor([3, 3]))).abs().max() > 1e-4
+        assert (out - model(x, torch.tensor([10, 10]), torch.tensor([10, 10]))).abs().max() > 1e-4
+
+
+def test_groups_of_one_channel_erase_the_time_embedding():
+    """Why the MNIST presets set min_group_channels: with DDPM's 32 groups (min 1) a network
+    of 16- and 32-channel layers gives the same output for every t and every label."""
+    model = randomised(UNet.from_preset("mnist-small", num_classes=10, min_group_channels=1)).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        out = model(x, torch.tensor([10, 10]), torch.tensor([3, 3]))
+        assert torch.allclose(out, model(x, torch.tensor([900, 900]), torch.tensor([7, 7])), atol=1e-5)
+
+
+def test_a_config_without_min_group_channels_rebuilds_the_old_network():
+    """Checkpoints written before min_group_channels existed rebuild with DDPM's rule."""
+    config = UNet.from_preset("mnist-small").config
+    assert config["min_group_channels"] == 4
+    old = {k: v for k, v in config.items() if k != "min_group_channels"}
+    norms = [m.num_groups for m in UNet(**old).modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(g == math.gcd(32, c) for g, c in zip(
+        norms, [m.num_channels for m in UNet(**old).modules() if isinstance(m, nn.GroupNorm)], strict=True))
