@@ -1,0 +1,119 @@
+"""The guidance trade-off of a class-conditional model: accuracy on the asked-for class and
+sample quality against the guidance weight w, next to the unconditional model.
+
+For each w, draws n DDIM samples (every class equally often, the same seed for each w),
+and prints the fraction the package classifier calls the asked-for class, the Fréchet
+distance in its features, the smudge fraction, and the real-data floor; then the same
+score for the unconditional model at the same n. The recommended weight is the smallest w
+whose accuracy is at least --target-accuracy and whose score is no worse than the
+unconditional model's (else the w of the best accuracy).
+
+    python benchmarks/guidance.py --checkpoint pretrained:mnist_conditional \\
+        --unconditional pretrained:mnist --n 1000 --write-provenance
+
+--write-provenance records the numbers and the recommendation in the shipped model's
+NAME.json (only for a pretrained:NAME checkpoint), which chapter 7 reads.
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+import time
+
+import torch
+
+from naivediffusion import quality
+from naivediffusion.train import PRETRAINED_DIR, PRETRAINED_PREFIX, load_model
+
+
+def draw(diffusion, model, shape, n, steps, seed, batch_size, labels=None, w=0.0):
+    generator = torch.Generator().manual_seed(seed)
+    chunks = []
+    for first in range(0, n, batch_size):
+        part = None if labels is None else labels[first:first + batch_size]
+        size = min(batch_size, n - first)
+        chunks.append(diffusion.sample(model, (size, *shape), sampler="ddim", steps=steps,
+                                       generator=generator, progress=False, labels=part,
+                                       guidance_scale=None if part is None else w,
+                                       null_label=model.num_classes))
+    return torch.cat(chunks)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="pretrained:mnist_conditional")
+    parser.add_argument("--unconditional", default="pretrained:mnist")
+    parser.add_argument("--weights", default="0,0.5,1,2,3,5,7", help="comma-separated w values")
+    parser.add_argument("--n", type=int, default=1000, help="samples per weight (default: 1000)")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--target-accuracy", type=float, default=0.98)
+    parser.add_argument("--write-provenance", action="store_true")
+    args = parser.parse_args()
+    weights = [float(w) for w in args.weights.split(",")]
+    if args.write_provenance and not args.checkpoint.startswith(PRETRAINED_PREFIX):
+        sys.exit("error: --write-provenance needs a pretrained:NAME checkpoint")
+
+    model, diffusion, info = load_model(args.checkpoint)
+    if model.num_classes is None:
+        sys.exit(f"error: {args.checkpoint} is not a class-conditional model")
+    dataset = info["train_config"]["dataset"]
+    classifier = quality.load_classifier(dataset)
+    asked = torch.arange(args.n) % model.num_classes
+    print(f"{args.checkpoint} (step {info['step']}), {args.n} samples per weight, DDIM {args.steps} "
+          f"steps, {torch.get_num_threads()} threads")
+    results = {}
+    for w in weights:
+        start = time.perf_counter()
+        images = draw(diffusion, model, info["image_shape"], args.n, args.steps, args.seed, args.batch_size, asked, w)
+        predicted = quality.class_probabilities(classifier, images).argmax(1)
+        scores = quality.sample_quality(images, dataset, classifier=classifier, seed=args.seed)
+        results[f"{w:g}"] = {
+            "accuracy": (predicted == asked).double().mean().item(),
+            "fd": scores["fd"],
+            "smudges": quality.smudge_fraction(images, classifier=classifier),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        floor = scores["fd_real"]
+        r = results[f"{w:g}"]
+        print(f"w = {w:4g}: accuracy {r['accuracy']:.4f}  FD {r['fd']:7.3f}  smudges {r['smudges']:.3f}  "
+              f"({r['seconds']:.0f} s)", flush=True)
+
+    plain, plain_diffusion, plain_info = load_model(args.unconditional)
+    images = draw(plain_diffusion, plain, plain_info["image_shape"], args.n, args.steps, args.seed, args.batch_size)
+    fd_unconditional = quality.sample_quality(images, dataset, classifier=classifier, seed=args.seed)["fd"]
+    print(f"unconditional {args.unconditional} (step {plain_info['step']}): FD {fd_unconditional:.3f}; "
+          f"real-data floor ({args.n} training images): {floor:.3f}")
+
+    good = [w for w in weights if results[f"{w:g}"]["accuracy"] >= args.target_accuracy
+            and results[f"{w:g}"]["fd"] <= fd_unconditional]
+    if good:
+        recommended, rule = min(good), (f"the smallest w with accuracy >= {args.target_accuracy:g} and "
+                                        "a score no worse than the unconditional model's")
+    else:
+        recommended = max(weights, key=lambda w: results[f"{w:g}"]["accuracy"])
+        rule = f"no w met accuracy >= {args.target_accuracy:g} with a score no worse than the " \
+               "unconditional model's; the w of the best accuracy"
+    print(f"recommended: w = {recommended:g} ({rule})")
+
+    if args.write_provenance:
+        path = PRETRAINED_DIR / f"{args.checkpoint[len(PRETRAINED_PREFIX):]}.json"
+        provenance = json.loads(path.read_text())
+        provenance["recommended_guidance"] = {"w": recommended, "rule": rule}
+        provenance["guidance_measurement"] = {
+            "command": "python benchmarks/guidance.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "n": args.n, "steps": args.steps, "seed": args.seed, "results": results,
+            "fd_unconditional": fd_unconditional, "unconditional": args.unconditional, "fd_real": floor,
+            "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
+            "platform": platform.platform(), "torch": str(torch.__version__),
+        }
+        path.write_text(json.dumps(provenance, indent=2) + "\n")
+        print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
