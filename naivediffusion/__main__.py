@@ -289,9 +289,11 @@ def parse_labels(values: list[str], num_classes: int) -> list[int]:
     return labels
 
 
-def _conditioning(args, model, info) -> tuple[list[int] | None, float]:
-    """Check --label and --guidance against the model: (the classes to draw or None, w)."""
-    asked = [flag for flag, value in (("--label", args.label), ("--guidance", args.guidance))
+def _conditioning(args, model, info, guidance_needs_label: bool = True) -> tuple[list[int] | None, float]:
+    """Check --label and --guidance against the model: (the classes to draw or None, w).
+    `evaluate` has no --label (it draws every class in turn): guidance_needs_label=False."""
+    label = getattr(args, "label", None)
+    asked = [flag for flag, value in (("--label", label), ("--guidance", args.guidance))
              if value is not None]
     if model.num_classes is None:
         if asked:
@@ -303,9 +305,9 @@ def _conditioning(args, model, info) -> tuple[list[int] | None, float]:
     guidance = 0.0 if args.guidance is None else args.guidance
     if not guidance >= 0:
         raise ValueError(f"--guidance must be at least 0 (0 is plain conditional sampling); got {args.guidance}")
-    if args.guidance is not None and args.label is None:
+    if args.guidance is not None and label is None and guidance_needs_label:
         raise ValueError("--guidance needs --label: guidance pushes samples towards a class")
-    return (parse_labels(args.label, model.num_classes) if args.label else None), guidance
+    return (parse_labels(label, model.num_classes) if label else None), guidance
 
 
 def draw(diffusion, model, info, n: int, args, generator, labels: torch.Tensor | None = None,
@@ -458,16 +460,9 @@ def run_evaluate(args) -> int:
         raise ValueError("--n must be at least 2 and --batch-size at least 1")
     device = pick_device(args.device)
     model, diffusion, info = load_model(args.checkpoint, device=device, ema=True)
-    guidance = 0.0
-    if args.guidance is not None:
-        if args.metric != "fid":
-            raise ValueError("--guidance applies to --metric fid (bits/dim is of the unconditional model)")
-        if model.num_classes is None:
-            raise ValueError(f"--guidance needs a class-conditional model, but {info['path']} was "
-                             "trained without --class-conditional; drop it")
-        if not args.guidance >= 0:
-            raise ValueError(f"--guidance must be at least 0 (0 is plain conditional sampling); got {args.guidance}")
-        guidance = args.guidance
+    if args.guidance is not None and args.metric != "fid":
+        raise ValueError("--guidance applies to --metric fid (bits/dim is of the unconditional model)")
+    _, guidance = _conditioning(args, model, info, guidance_needs_label=False)
     train_config = info.get("train_config") or {}
     dataset = train_config.get("dataset")
     if dataset is None:
