@@ -39,6 +39,7 @@ from .quality import (
     train_classifier,
 )
 from .train import (
+    COMPILE_MODES,
     CPU_DEFAULTS,
     DATASET_DEFAULTS,
     PRETRAINED_PREFIX,
@@ -132,9 +133,14 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="auto: bf16 on GPUs that have it, fp16 on older GPUs such as the T4, "
                    "fp32 on CPU (default: auto)")
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the network: faster steps after a slow first one "
-                   "(default: off)")
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                   help="torch.compile the network in MODE, one of " + ", ".join(COMPILE_MODES) +
+                   " (the flag alone: default; reduce-overhead also replays the kernels as CUDA "
+                   "graphs on a GPU): faster steps after slow first ones (default: none)")
+    p.add_argument("--data-on-host", dest="data_on_device", action="store_false", default=None,
+                   help="read the images through a DataLoader instead of holding the whole "
+                   "dataset on the device as uint8 (default: on the device, except folders and "
+                   "resized images)")
     p.add_argument("--seed", type=int, help=f"random seed; the same seed gives the same weights "
                    f"on a CPU (default: {defaults.seed})")
     p.add_argument("--log-every", type=int, help=_per_dataset("steps between lines of log.jsonl", "log_every"))
@@ -156,7 +162,7 @@ _TRAIN_FIELDS = (
     "loss_weighting", "min_snr_gamma", "max_minutes", "class_conditional", "p_uncond", "grad_clip", "ema_decay",
     "model", "dropout", "image_size", "timesteps", "schedule", "objective", "device",
     "precision", "compile", "seed", "log_every", "sample_every", "checkpoint_every",
-    "num_sample_images", "num_workers", "data_root",
+    "num_sample_images", "num_workers", "data_root", "data_on_device",
 )
 
 

@@ -8,7 +8,9 @@ samples, survives a crashed session and can be repeated bit for bit needs more:
 - AdamW with a linear learning-rate warm-up and gradient clipping (Appendix B).
 - An exponential moving average (EMA) of the weights, which is what we sample from.
 - Mixed precision (bf16, or fp16 with a gradient scaler), channels_last and
-  `torch.compile` on a GPU.
+  `torch.compile` (with CUDA graphs in mode "reduce-overhead") on a GPU.
+- The dataset held on the device as uint8 and batched there, so a GPU step never
+  waits for the host.
 - Batches in a reproducible, resumable order; checkpoints written atomically and
   loaded with `torch.load(weights_only=True)`, so a checkpoint cannot run code.
 - A guard that stops training at the first non-finite loss.
@@ -39,12 +41,12 @@ import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from . import viz
 from .budget import pick_device
-from .data import FOLDER_PREFIX, dataset_info, load_dataset
+from .data import FOLDER_PREFIX, InMemoryImages, dataset_info, load_dataset
 from .diffusion import WEIGHTINGS, Diffusion
 from .unet import UNet
 
@@ -53,6 +55,10 @@ CHECKPOINT_VERSION = 1
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 LR_SCHEDULES = ("constant", "cosine")
+# torch.compile's modes, and "none". "reduce-overhead" records the compiled network's kernels
+# into CUDA graphs and replays them with one launch each step: the cure for a step bound by
+# launching ~1,000 small kernels, and it needs what the loop already gives it, one batch shape.
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class CheckpointError(ValueError):
@@ -138,7 +144,12 @@ class TrainConfig:
     class_conditional: bool = False
     p_uncond: float = 0.1
     precision: str = "auto"  # "auto", "fp32", "bf16" or "fp16"
-    compile: bool = False  # torch.compile the network
+    compile: str = "none"  # torch.compile the network in this mode (COMPILE_MODES); "none": not
+    # A torchvision dataset at its native size is held on the training device as uint8 and
+    # batched there (data.InMemoryImages); False reads it image by image through a DataLoader,
+    # as a folder of images always is. Both give the same batches in the same order (the
+    # flips of CIFAR-10 come from different random draws).
+    data_on_device: bool = True
     device: str = "auto"  # "auto", "cpu", "cuda" or "mps"
     seed: int = 0
     run_dir: str | None = None  # None: runs/<dataset>
@@ -153,6 +164,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.run_dir is None:
             self.run_dir = str(Path("runs") / _dataset_slug(self.dataset))
+        # Checkpoints from before the modes hold compile = False / True.
+        self.compile = {False: "none", True: "default", None: "none"}.get(self.compile, self.compile)
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {self.compile!r}; choose one of {', '.join(COMPILE_MODES)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.device not in DEVICES:
@@ -249,7 +264,7 @@ def runs_on_cpu(device: str = "auto") -> bool:
 
 # Settings a resumed run may change: where and how fast it runs, not what it learns.
 RESUMABLE_FIELDS = frozenset({
-    "steps", "device", "precision", "compile", "num_workers", "data_root", "run_dir",
+    "steps", "device", "precision", "compile", "num_workers", "data_root", "run_dir", "data_on_device",
     "log_every", "sample_every", "checkpoint_every", "num_sample_images", "sample_steps",
 })
 
@@ -641,9 +656,14 @@ class Trainer:
     mask), and only rank 0 writes the files above; the logged loss is the mean over the
     global batch. Every process holds the same weights, EMA and optimizer state after each
     step, and a checkpoint resumes with any number of processes.
+
+    `data` replaces the dataset that config.dataset names (its images must have the shape
+    that dataset's have): any Dataset of (image in [-1, 1], label), or an `InMemoryImages`,
+    which is batched on the device. The benchmarks time the real `train_step` on synthetic
+    images this way.
     """
 
-    def __init__(self, config: TrainConfig, *, checkpoint: dict | None = None):
+    def __init__(self, config: TrainConfig, *, checkpoint: dict | None = None, data: Dataset | None = None):
         self.config = config
         self.run_dir = Path(config.run_dir).expanduser()
         self.checkpoint_path = self.run_dir / "checkpoint.pt"
@@ -688,11 +708,19 @@ class Trainer:
         # copy, so the copy carries none of DDP's hooks), then maybe compiled (DDP first, as
         # torch.compile expects). self.model stays the plain UNet the optimizer and EMA see.
         network = self._wrap_for_processes(self.model)
-        self.network = torch.compile(network) if config.compile else network
+        self.network = network if config.compile == "none" else torch.compile(network, mode=config.compile)
 
         self.diffusion = Diffusion(config.timesteps, config.schedule, config.objective, config.variance)
-        self.dataset = load_dataset(config.dataset, root=config.data_root, train=True,
-                                    image_size=config.image_size)
+        if data is None:
+            native = not config.dataset.startswith(FOLDER_PREFIX) and config.image_size in (None, size)
+            data = load_dataset(config.dataset, root=config.data_root, train=True,
+                                image_size=config.image_size, in_memory=config.data_on_device and native)
+        elif tuple(data[0][0].shape) != self.image_shape:
+            raise ValueError(f"the data's images are {tuple(data[0][0].shape)}, but {config.dataset} "
+                             f"images are {self.image_shape}; pass images of that shape")
+        if isinstance(data, InMemoryImages):
+            data = data.to(self.device)  # once: 47 MB for MNIST, 154 MB for CIFAR-10
+        self.dataset = data
         self.batches_per_epoch = len(self.dataset) // config.batch_size
         if self.batches_per_epoch == 0:
             raise ValueError(f"the dataset has {len(self.dataset)} images, fewer than one batch of "
@@ -886,6 +914,9 @@ class Trainer:
         cfg = self.config
         sampler = EpochBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed, self.epoch, self.position,
                                     rank=self.dist.rank, world_size=self.dist.world_size)
+        if isinstance(self.dataset, InMemoryImages):
+            yield from self._batches_on_device(sampler)
+            return
         if cfg.num_workers is not None:
             workers = cfg.num_workers
         else:
@@ -898,6 +929,28 @@ class Trainer:
             generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "workers", self.step)),
         )
         yield from loader
+
+    def _batches_on_device(self, sampler: EpochBatchSampler):
+        """The batches `sampler` names, cut from the images held on the device.
+
+        Once per epoch the epoch's order (and, for a flipped dataset, one coin per image of
+        it, seeded from the seed and the epoch, so a resumed run flips as the uninterrupted
+        one would) is copied to the device; each step is then an index into it, a gather of
+        uint8 images and one scaling kernel, with nothing sent from the host.
+        """
+        per_epoch, batch = sampler.batches_per_epoch, self.config.batch_size
+        epoch, position = sampler.epoch, sampler.position
+        while True:
+            order = sampler.order(epoch)[:per_epoch * batch].view(per_epoch, batch)[:, sampler.rank_slice]
+            order = order.to(self.device)
+            flips = None
+            if self.dataset.flip:
+                coins = torch.Generator().manual_seed(derive_seed(self.config.seed, "flip", epoch))
+                flips = (torch.rand(per_epoch, batch, generator=coins) < 0.5)[:, sampler.rank_slice]
+                flips = flips.to(self.device)
+            for i in range(position, per_epoch):
+                yield self.dataset.batch(order[i], None if flips is None else flips[i])
+            epoch, position = epoch + 1, 0
 
     def _advance_data_position(self) -> None:
         self.position += 1

@@ -1,0 +1,359 @@
+"""Training-step speed of our U-Net beside diffusers' UNet2DModel at the same architecture,
+each fast path on and off; model-FLOPs utilisation; the sampler's overhead.
+
+Our step is the real one, `Trainer.train_step` (AdamW, clipping, EMA, the scheduler), fed by
+`Trainer.batches()` from synthetic uint8 images held on the device (`data.InMemoryImages`).
+diffusers' network gets the same step around it: the same loss, optimizer, clipping and EMA
+code. The contestants are timed in interleaved rounds in one process (so that a noisy
+neighbour or a GPU's clock changes hit all of them alike) and each row reports the median
+round. Prints numbers; it is not a test.
+
+    python benchmarks/speed.py                                   # this machine's device, defaults below
+    python benchmarks/speed.py --device cpu --model ddpm-cifar10 --batch-size 16
+    python benchmarks/speed.py --device cuda --model ddpm-cifar10 --batch-size 128 --precision bf16 \\
+        --compile none,reduce-overhead
+    python benchmarks/speed.py --device cuda --model mnist --batch-size 128 --sampling 1000
+    python benchmarks/speed.py --dry-run                         # every row at toy size, quickly
+
+MFU (model-FLOPs utilisation) = the FLOPs of the network's forward and backward pass, counted
+by `torch.utils.flop_counter.FlopCounterMode`, divided by the step time and by the GPU's
+peak dense tensor-core throughput at that precision (the table PEAK_TFLOPS, from the
+vendors' data sheets). diffusers is optional: without it (`pip install diffusers`) only our
+rows are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.flop_counter import FlopCounterMode
+
+from naivediffusion import Diffusion, UNet, pick_device
+from naivediffusion.data import InMemoryImages
+from naivediffusion.train import (
+    COMPILE_MODES,
+    TrainConfig,
+    Trainer,
+    ema_update_fn,
+    resolve_precision,
+)
+
+DATASET_OF = {"ddpm-cifar10": "cifar10", "mnist": "mnist", "mnist-small": "mnist"}
+
+# Peak dense tensor-core TFLOP/s by GPU name (a substring of torch.cuda.get_device_name) and
+# precision: NVIDIA's data sheets, without sparsity; fp32 runs as TF32 here (the Trainer sets
+# matmul precision "high"). SXM figures for the H100/H200.
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 60.0},
+    "A10": {"bf16": 125.0, "fp16": 125.0, "fp32": 62.5},
+    "T4": {"fp16": 65.0, "fp32": 8.1},
+}
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in name and precision in peaks:
+            return peaks[precision] * 1e12
+    return None
+
+
+def diffusers_twin(model: UNet):
+    """diffusers' UNet2DModel built to our network's architecture: the same levels, channels,
+    residual blocks per level, attention levels and heads, dropout and sinusoidal time
+    embedding (the parameter counts are printed side by side)."""
+    from diffusers import UNet2DModel
+
+    cfg = model.config
+    levels = len(cfg["channel_mults"])
+    attends = [cfg["image_size"] // 2**i in cfg["attention_resolutions"] for i in range(levels)]
+    channels = [cfg["base_channels"] * m for m in cfg["channel_mults"]]
+    heads = cfg["num_heads"]
+    # diffusers gives every block the same head size; ours gives every block the same number
+    # of heads. They agree where it matters: every attending level, and the middle block.
+    head_dim = {c // heads for c, a in zip(channels, attends, strict=True) if a} | {channels[-1] // heads}
+    if len(head_dim) != 1:
+        raise ValueError("this architecture's attention levels have different head sizes, which "
+                         "UNet2DModel cannot express")
+    groups = max(1, 32 // max(1, cfg.get("min_group_channels") or 1))
+    return UNet2DModel(
+        sample_size=cfg["image_size"], in_channels=cfg["in_channels"], out_channels=cfg["in_channels"],
+        layers_per_block=cfg["num_res_blocks"], block_out_channels=tuple(channels),
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attends),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)),
+        attention_head_dim=head_dim.pop(), norm_num_groups=min(groups, min(channels)),
+        dropout=cfg["dropout"], time_embedding_type="positional", flip_sin_to_cos=False, freq_shift=1,
+    )
+
+
+class Contestant:
+    """One row of the table: a network, the step that trains it, and what the step costs."""
+
+    def __init__(self, name: str, step, network, batch: int):
+        self.name, self.step, self.network, self.batch = name, step, network, batch
+        self.rounds: list[float] = []  # seconds per step, one entry per timed round
+        self.peak_mib = None
+        self.flops = None
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.rounds)
+
+
+def ours(args, device, precision, mode: str, data_on_device: bool, run_dir: str) -> Contestant:
+    dataset = DATASET_OF[args.model]
+    config = TrainConfig.for_dataset(
+        dataset, model=args.model, batch_size=args.batch_size, device=device.type, precision=precision,
+        compile=mode, data_on_device=data_on_device, run_dir=run_dir, warmup_steps=0,
+        model_overrides={"base_channels": 8} if args.dry_run else {},
+    )
+    info = {"cifar10": (3, 32), "mnist": (1, 28)}[dataset]
+    n = max(4 * args.batch_size, 256)
+    images = torch.randint(0, 256, (n, info[0], info[1], info[1]), dtype=torch.uint8)
+    data = InMemoryImages(images, torch.randint(0, 10, (n,)), flip=dataset == "cifar10")
+    if not data_on_device:
+        # The DataLoader path: the same images read one by one on the host, then copied.
+        data = torch.utils.data.TensorDataset(images.float() / 127.5 - 1, data.labels)
+    trainer = Trainer(config, data=data)
+    batches = trainer.batches()
+
+    def step():
+        images, _ = next(batches)
+        return trainer.train_step(images)
+
+    fast = [f"compile={mode}"] + ([] if data_on_device else ["data on host"])
+    return Contestant(f"naivediffusion ({', '.join(fast)})", step, (trainer.model, trainer.predict), args.batch_size)
+
+
+def theirs(args, device, precision, mode: str, reference: UNet) -> Contestant:
+    """diffusers' network inside the same step as ours."""
+    model = diffusers_twin(reference).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    network = model if mode == "none" else torch.compile(model, mode=mode)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    diffusion = Diffusion(1000, "linear", "eps")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, fused=cuda or None)
+    ema = AveragedModel(model, multi_avg_fn=ema_update_fn(0.9999), use_buffers=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    shape = (args.batch_size, reference.config["in_channels"], reference.config["image_size"],
+             reference.config["image_size"])
+    x0 = torch.rand(shape, device=device) * 2 - 1
+
+    def predict(x_t, t):
+        x_t = x_t.contiguous(memory_format=torch.channels_last) if cuda else x_t
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return network(x_t, t).sample
+
+    def step():
+        loss = diffusion.loss(predict, x0)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        ema.update_parameters(model)
+        return loss.detach()
+
+    return Contestant(f"diffusers UNet2DModel (compile={mode})", step, (model, predict), args.batch_size)
+
+
+def count_flops(contestant: Contestant, shape, device) -> float:
+    """FLOPs of one forward and backward pass of the network (not the optimizer or EMA)."""
+    model, predict = contestant.network
+    x = torch.randn(shape, device=device)
+    t = torch.randint(0, 1000, (shape[0],), device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = predict(x, t)
+        out.float().square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_rounds(contestants, device, steps: int, rounds: int, warmup: int) -> None:
+    for c in contestants:  # warm-up (and compilation) first, untimed
+        for _ in range(warmup):
+            c.step()
+        synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            c.step()
+            synchronize(device)
+            c.peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    for _ in range(rounds):
+        for c in contestants:
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                loss = c.step()
+            loss.item()  # waits for the device
+            c.rounds.append((time.perf_counter() - start) / steps)
+
+
+def sampling_overhead(args, device, precision) -> dict:
+    """DDIM-50 of n images against 50 bare network calls on the same batch."""
+    model = UNet.from_preset(args.model, **({"base_channels": 8} if args.dry_run else {})).to(device).eval()
+    diffusion = Diffusion(1000, "linear", "eps")
+    n, steps = args.sampling, 50
+    shape = (n, model.config["in_channels"], model.config["image_size"], model.config["image_size"])
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def net(x, t):
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return model(x, t).float()
+
+    x = torch.randn(shape, device=device)
+    t = torch.full((n,), 500, device=device, dtype=torch.long)
+    result = {}
+    with torch.no_grad():
+        for _ in range(2):  # the first is the warm-up
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                net(x, t)
+            synchronize(device)
+            calls = time.perf_counter() - start
+            start = time.perf_counter()
+            diffusion.sample(net, shape, sampler="ddim", steps=steps, progress=False, device=device)
+            synchronize(device)
+            sample = time.perf_counter() - start
+        result = {"n": n, "ddim_steps": steps, "network_calls_s": calls, "sample_s": sample,
+                  "overhead": sample / calls - 1}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ddpm-cifar10", choices=sorted(DATASET_OF), help="default: ddpm-cifar10")
+    parser.add_argument("--batch-size", type=int, help="default: 128 on a GPU, 16 on a CPU")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    parser.add_argument("--compile", default="none",
+                        help="comma-separated torch.compile modes to compare, from "
+                        f"{', '.join(COMPILE_MODES)} (default: none)")
+    parser.add_argument("--data-on-host", action="store_true",
+                        help="also time our step with the images read through a DataLoader")
+    parser.add_argument("--no-diffusers", action="store_true", help="only our rows")
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed round (default: 10)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default: 5)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    parser.add_argument("--sampling", type=int, metavar="N",
+                        help="also time DDIM-50 of N images against its 50 network calls")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile's backend (default: inductor, the one that makes code); "
+                        "aot_eager traces the graphs and runs them as they are, for checking a run "
+                        "on a machine without a working C++ compiler (a dry run's default)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="toy size (8 base channels, batch 4, 1 round of 2 steps, the aot_eager "
+                        "backend): checks every row runs")
+    args = parser.parse_args()
+    if args.dry_run and args.compile_backend == "inductor":
+        args.compile_backend = "aot_eager"
+    if args.compile_backend != "inductor":
+        real_compile = torch.compile
+
+        def compile_with_backend(model, mode=None, **kwargs):  # the Trainer passes only the mode
+            return real_compile(model, backend=args.compile_backend)
+
+        torch.compile = compile_with_backend
+
+    device = pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    if args.batch_size is None:
+        args.batch_size = 128 if device.type == "cuda" else 16
+    if args.dry_run:
+        args.batch_size, args.steps, args.rounds, args.warmup = 4, 2, 1, 1
+        args.sampling = args.sampling and 8
+    modes = [m.strip() for m in args.compile.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in COMPILE_MODES]
+    if unknown or not modes:
+        parser.error(f"unknown --compile mode {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {', '.join(COMPILE_MODES)}")
+    try:
+        import diffusers
+    except ImportError:
+        diffusers = None
+        if not args.no_diffusers:
+            print("diffusers is not installed (pip install diffusers): timing our network only")
+
+    with tempfile.TemporaryDirectory() as scratch:
+        contestants = []
+        for i, mode in enumerate(modes):
+            contestants.append(ours(args, device, precision, mode, True, f"{scratch}/ours{i}"))
+            if diffusers is not None and not args.no_diffusers:
+                contestants.append(theirs(args, device, precision, mode, contestants[0].network[0]))
+        if args.data_on_host:
+            contestants.append(ours(args, device, precision, modes[0], False, f"{scratch}/host"))
+        reference = contestants[0].network[0]
+        shape = (args.batch_size, reference.config["in_channels"], reference.config["image_size"],
+                 reference.config["image_size"])
+        for c in contestants:
+            c.parameters = sum(p.numel() for p in c.network[0].parameters())
+        # FLOPs of the uncompiled networks, before timing (the counter sees eager ops only).
+        flops = {"naivediffusion": count_flops(contestants[0], shape, device)}
+        twin = next((c for c in contestants if c.name.startswith("diffusers")), None)
+        if twin is not None:
+            flops["diffusers"] = count_flops(twin, shape, device)
+        time_rounds(contestants, device, args.steps, args.rounds, args.warmup)
+        sampling = sampling_overhead(args, device, precision) if args.sampling else None
+
+    peak = peak_flops(device, precision)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)"
+    print(f"{args.model}, batch {args.batch_size}, {precision}, on {name}, torch {torch.__version__}"
+          + (f", diffusers {diffusers.__version__}" if diffusers is not None and twin is not None else ""))
+    print(f"{args.rounds} interleaved rounds of {args.steps} steps after {args.warmup} warm-up steps; "
+          "median round")
+    rows = []
+    base = next((c.seconds for c in contestants if c.name.startswith("diffusers")), None)
+    header = f"{'':52} {'params':>8} {'ms/step':>9} {'img/s':>8} {'vs diffusers':>12} {'MFU':>6} {'peak MiB':>9}"
+    print(header)
+    for c in contestants:
+        kind = "diffusers" if c.name.startswith("diffusers") else "naivediffusion"
+        achieved = flops[kind] / c.seconds
+        mfu = achieved / peak if peak else None
+        row = {"name": c.name, "parameters": c.parameters, "seconds_per_step": c.seconds,
+               "images_per_sec": c.batch / c.seconds, "relative_to_diffusers": c.seconds / base if base else None,
+               "tflops_per_sec": achieved / 1e12, "mfu": mfu, "peak_mib": c.peak_mib, "rounds": c.rounds}
+        rows.append(row)
+        print(f"{c.name:52} {c.parameters / 1e6:7.2f}M {1000 * c.seconds:9.2f} {row['images_per_sec']:8.0f} "
+              f"{(f'{c.seconds / base:.2f}x') if base else '-':>12} "
+              f"{(f'{100 * mfu:.1f}%') if mfu is not None else '-':>6} "
+              f"{(f'{c.peak_mib:.0f}') if c.peak_mib else '-':>9}")
+    print(f"network forward + backward: {flops['naivediffusion'] / 1e9:.1f} GFLOPs per step"
+          + (f" (diffusers' twin: {flops['diffusers'] / 1e9:.1f})" if "diffusers" in flops else "")
+          + (f"; peak {peak / 1e12:.0f} TFLOP/s at {precision}" if peak else "; no peak known for MFU"))
+    if sampling:
+        print(f"sampling: DDIM-{sampling['ddim_steps']} of {sampling['n']} images in {sampling['sample_s']:.2f} s; "
+              f"its {sampling['ddim_steps']} network calls alone {sampling['network_calls_s']:.2f} s "
+              f"(the sampler adds {100 * sampling['overhead']:.1f}%)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "batch_size": args.batch_size, "precision": precision,
+                       "device": name, "torch": torch.__version__, "flops_per_step": flops,
+                       "peak_flops": peak, "rows": rows, "sampling": sampling,
+                       "command": "python benchmarks/speed.py " + " ".join(__import__("sys").argv[1:])},
+                      f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
