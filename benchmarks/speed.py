@@ -6,7 +6,8 @@ Our step is the real one, `Trainer.train_step` (AdamW, clipping, EMA, the schedu
 diffusers' network gets the same step around it: the same loss, optimizer, clipping and EMA
 code. The contestants are timed in interleaved rounds in one process (so that a noisy
 neighbour or a GPU's clock changes hit all of them alike) and each row reports the median
-round. Prints numbers; it is not a test.
+round; "vs diffusers" is a row's step time over diffusers' at the same compile mode.
+Prints numbers; it is not a test.
 
     python benchmarks/speed.py                                   # this machine's device, defaults below
     python benchmarks/speed.py --device cpu --model ddpm-cifar10 --batch-size 16
@@ -100,8 +101,8 @@ def diffusers_twin(model: UNet):
 class Contestant:
     """One row of the table: a network, the step that trains it, and what the step costs."""
 
-    def __init__(self, name: str, step, network, batch: int):
-        self.name, self.step, self.network, self.batch = name, step, network, batch
+    def __init__(self, name: str, step, network, batch: int, mode: str):
+        self.name, self.step, self.network, self.batch, self.mode = name, step, network, batch, mode
         self.rounds: list[float] = []  # seconds per step, one entry per timed round
         self.peak_mib = None
         self.flops = None
@@ -132,8 +133,13 @@ def ours(args, device, precision, mode: str, data_on_device: bool, run_dir: str)
         images, _ = next(batches)
         return trainer.train_step(images)
 
+    def eager(x_t, t):  # the uncompiled network under the step's autocast, for counting FLOPs
+        with torch.autocast(device.type, dtype=trainer.amp_dtype or torch.float32,
+                            enabled=trainer.amp_dtype is not None):
+            return trainer.model(x_t.contiguous(memory_format=trainer.memory_format), t)
+
     fast = [f"compile={mode}"] + ([] if data_on_device else ["data on host"])
-    return Contestant(f"naivediffusion ({', '.join(fast)})", step, (trainer.model, trainer.predict), args.batch_size)
+    return Contestant(f"naivediffusion ({', '.join(fast)})", step, (trainer.model, eager), args.batch_size, mode)
 
 
 def theirs(args, device, precision, mode: str, reference: UNet) -> Contestant:
@@ -152,10 +158,16 @@ def theirs(args, device, precision, mode: str, reference: UNet) -> Contestant:
              reference.config["image_size"])
     x0 = torch.rand(shape, device=device) * 2 - 1
 
-    def predict(x_t, t):
+    def run(net, x_t, t):
         x_t = x_t.contiguous(memory_format=torch.channels_last) if cuda else x_t
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            return network(x_t, t).sample
+            return net(x_t, t).sample
+
+    def predict(x_t, t):
+        return run(network, x_t, t)
+
+    def eager(x_t, t):  # uncompiled, for counting FLOPs
+        return run(model, x_t, t)
 
     def step():
         loss = diffusion.loss(predict, x0)
@@ -168,7 +180,7 @@ def theirs(args, device, precision, mode: str, reference: UNet) -> Contestant:
         ema.update_parameters(model)
         return loss.detach()
 
-    return Contestant(f"diffusers UNet2DModel (compile={mode})", step, (model, predict), args.batch_size)
+    return Contestant(f"diffusers UNet2DModel (compile={mode})", step, (model, eager), args.batch_size, mode)
 
 
 def count_flops(contestant: Contestant, shape, device) -> float:
@@ -324,11 +336,13 @@ def main() -> None:
     print(f"{args.rounds} interleaved rounds of {args.steps} steps after {args.warmup} warm-up steps; "
           "median round")
     rows = []
-    base = next((c.seconds for c in contestants if c.name.startswith("diffusers")), None)
+    # Each row against diffusers' network under the same compile mode.
+    twins = {c.mode: c.seconds for c in contestants if c.name.startswith("diffusers")}
     header = f"{'':52} {'params':>8} {'ms/step':>9} {'img/s':>8} {'vs diffusers':>12} {'MFU':>6} {'peak MiB':>9}"
     print(header)
     for c in contestants:
         kind = "diffusers" if c.name.startswith("diffusers") else "naivediffusion"
+        base = twins.get(c.mode)
         achieved = flops[kind] / c.seconds
         mfu = achieved / peak if peak else None
         row = {"name": c.name, "parameters": c.parameters, "seconds_per_step": c.seconds,
