@@ -146,11 +146,8 @@ def test_cli_compile_flag(tmp_path, capsys):
     assert not run_dir.exists()
 
 
-def test_compiled_step_matches_the_eager_step(tmp_path, monkeypatch):
-    """torch.compile changes how the step runs, not what it computes. The network is traced by
-    TorchDynamo and its forward and backward graphs by AOTAutograd, as in every mode; only
-    the last stage, inductor's C++/Triton code generation, is swapped for running the traced
-    graphs as they are ("aot_eager"), which needs no compiler on the test machine."""
+def trace_compile(monkeypatch) -> list:
+    """Make torch.compile trace with the aot_eager backend; returns the list of the modes asked for."""
     modes = []
     real_compile = torch.compile
 
@@ -159,6 +156,15 @@ def test_compiled_step_matches_the_eager_step(tmp_path, monkeypatch):
         return real_compile(model, backend="aot_eager")
 
     monkeypatch.setattr(torch, "compile", compile_traced)
+    return modes
+
+
+def test_compiled_step_matches_the_eager_step(tmp_path, monkeypatch):
+    """torch.compile changes how the step runs, not what it computes. The network is traced by
+    TorchDynamo and its forward and backward graphs by AOTAutograd, as in every mode; only
+    the last stage, inductor's C++/Triton code generation, is swapped for running the traced
+    graphs as they are ("aot_eager"), which needs no compiler on the test machine."""
+    modes = trace_compile(monkeypatch)
     eager = Trainer(tiny_config(tmp_path / "eager", steps=2, dropout=0.0))
     compiled = Trainer(tiny_config(tmp_path / "compiled", steps=2, dropout=0.0, compile="reduce-overhead"))
     assert modes == ["reduce-overhead"] and compiled.network is not compiled.model
@@ -174,14 +180,7 @@ def test_cli_sample_compile_draws_the_same_images(tmp_path, monkeypatch):
     with the aot_eager backend, as above)."""
     run_dir = tmp_path / "run"
     Trainer(tiny_config(run_dir, steps=2)).train(progress=False)
-    modes = []
-    real_compile = torch.compile
-
-    def compile_traced(model, mode=None, **kwargs):
-        modes.append(mode)
-        return real_compile(model, backend="aot_eager")
-
-    monkeypatch.setattr(torch, "compile", compile_traced)
+    modes = trace_compile(monkeypatch)
     common = ["sample", "--checkpoint", str(run_dir / "ema.pt"), "--n", "4", "--steps", "3",
               "--batch-size", "4", "--no-progress"]
     assert main([*common, "--out", str(tmp_path / "a.png"), "--save-samples", str(tmp_path / "a.pt")]) == 0
