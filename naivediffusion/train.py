@@ -381,14 +381,23 @@ class EpochBatchSampler(Sampler):
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
         return torch.randperm(self.num_samples, generator=generator)
 
-    def __iter__(self):
+    def epoch_batches(self, epoch: int) -> Tensor:
+        """This process's batches of `epoch`: LongTensor [batches_per_epoch, batch_size / world_size],
+        row i the rank's slice of global batch i."""
+        order = self.order(epoch)[:self.batches_per_epoch * self.batch_size]
+        return order.view(self.batches_per_epoch, self.batch_size)[:, self.rank_slice]
+
+    def epochs(self):
+        """(epoch, the first batch to take) from the start position on, forever."""
         epoch, position = self.epoch, self.position
         while True:
-            order = self.order(epoch)
-            for i in range(position, self.batches_per_epoch):
-                batch = order[i * self.batch_size:(i + 1) * self.batch_size]  # the global batch
-                yield batch[self.rank_slice].tolist()
+            yield epoch, position
             epoch, position = epoch + 1, 0
+
+    def __iter__(self):
+        for epoch, position in self.epochs():
+            for batch in self.epoch_batches(epoch)[position:]:
+                yield batch.tolist()
 
 
 # ------------------------------------------------------ many processes (torchrun)
@@ -938,19 +947,15 @@ class Trainer:
         one would) is copied to the device; each step is then an index into it, a gather of
         uint8 images and one scaling kernel, with nothing sent from the host.
         """
-        per_epoch, batch = sampler.batches_per_epoch, self.config.batch_size
-        epoch, position = sampler.epoch, sampler.position
-        while True:
-            order = sampler.order(epoch)[:per_epoch * batch].view(per_epoch, batch)[:, sampler.rank_slice]
-            order = order.to(self.device)
+        for epoch, position in sampler.epochs():
+            order = sampler.epoch_batches(epoch).to(self.device)
             flips = None
             if self.dataset.flip:
                 coins = torch.Generator().manual_seed(derive_seed(self.config.seed, "flip", epoch))
-                flips = (torch.rand(per_epoch, batch, generator=coins) < 0.5)[:, sampler.rank_slice]
-                flips = flips.to(self.device)
-            for i in range(position, per_epoch):
+                draws = torch.rand(sampler.batches_per_epoch, sampler.batch_size, generator=coins) < 0.5
+                flips = draws[:, sampler.rank_slice].to(self.device)
+            for i in range(position, sampler.batches_per_epoch):
                 yield self.dataset.batch(order[i], None if flips is None else flips[i])
-            epoch, position = epoch + 1, 0
 
     def _advance_data_position(self) -> None:
         self.position += 1
