@@ -12,7 +12,12 @@ unconditional model's (else the w of the best accuracy).
         --unconditional pretrained:mnist --n 1000 --write-provenance
 
 --write-provenance records the numbers and the recommendation in the shipped model's
-NAME.json (only for a pretrained:NAME checkpoint), which chapter 7 reads.
+NAME.json (only for a pretrained:NAME checkpoint), which chapter 7 reads. When only the
+unconditional model has changed, --unconditional-only keeps the per-weight rows stored
+there (they depend on --checkpoint alone), re-measures the unconditional score at the same
+n, steps and seed, and re-derives the recommendation:
+
+    python benchmarks/guidance.py --unconditional-only --write-provenance
 """
 
 import argparse
@@ -26,20 +31,16 @@ import time
 import torch
 
 from naivediffusion import quality
+from naivediffusion.__main__ import draw as draw_batches
 from naivediffusion.train import PRETRAINED_DIR, PRETRAINED_PREFIX, load_model
 
 
-def draw(diffusion, model, shape, n, steps, seed, batch_size, labels=None, w=0.0):
-    generator = torch.Generator().manual_seed(seed)
-    chunks = []
-    for first in range(0, n, batch_size):
-        part = None if labels is None else labels[first:first + batch_size]
-        size = min(batch_size, n - first)
-        chunks.append(diffusion.sample(model, (size, *shape), sampler="ddim", steps=steps,
-                                       generator=generator, progress=False, labels=part,
-                                       guidance_scale=None if part is None else w,
-                                       null_label=model.num_classes))
-    return torch.cat(chunks)
+def draw(diffusion, model, info, n, args, labels=None, w=0.0):
+    """n DDIM samples on the CPU, as `sample` draws them, from the seed of args."""
+    settings = argparse.Namespace(sampler="ddim", steps=args.steps, eta=0.0, no_progress=True,
+                                  batch_size=args.batch_size)
+    return draw_batches(diffusion, model, info, n, settings, torch.Generator().manual_seed(args.seed),
+                        labels, w)
 
 
 def main() -> None:
@@ -53,10 +54,24 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--target-accuracy", type=float, default=0.98)
     parser.add_argument("--write-provenance", action="store_true")
+    parser.add_argument("--unconditional-only", action="store_true",
+                        help="keep the per-weight rows stored by --write-provenance; re-measure "
+                        "only the unconditional model (needs --write-provenance)")
     args = parser.parse_args()
     weights = [float(w) for w in args.weights.split(",")]
     if args.write_provenance and not args.checkpoint.startswith(PRETRAINED_PREFIX):
-        sys.exit("error: --write-provenance needs a pretrained:NAME checkpoint")
+        parser.error("--write-provenance needs a pretrained:NAME checkpoint")
+    path = PRETRAINED_DIR / f"{args.checkpoint[len(PRETRAINED_PREFIX):]}.json"
+    if args.unconditional_only:
+        if not args.write_provenance:
+            parser.error("--unconditional-only updates the stored measurement: add --write-provenance")
+        stored = json.loads(path.read_text()).get("guidance_measurement")
+        if stored is None:
+            parser.error(f"{path.name} holds no guidance measurement yet: run without --unconditional-only")
+        for name in ("n", "steps", "seed"):
+            if stored[name] != getattr(args, name):
+                parser.error(f"the stored rows were measured with --{name} {stored[name]}, not "
+                             f"{getattr(args, name)}: pass --{name} {stored[name]}")
 
     model, diffusion, info = load_model(args.checkpoint)
     if model.num_classes is None:
@@ -67,9 +82,16 @@ def main() -> None:
     print(f"{args.checkpoint} (step {info['step']}), {args.n} samples per weight, DDIM {args.steps} "
           f"steps, {torch.get_num_threads()} threads")
     results = {}
-    for w in weights:
+    if args.unconditional_only:
+        results, floor = stored["results"], stored["fd_real"]
+        weights = [float(w) for w in results]
+        print(f"per-weight rows as stored by `{stored['command']}` on {stored['date']}:")
+        for w, r in results.items():
+            print(f"w = {float(w):4g}: accuracy {r['accuracy']:.4f}  FD {r['fd']:7.3f}  "
+                  f"smudges {r['smudges']:.3f}  ({r['seconds']:.0f} s)")
+    for w in [] if args.unconditional_only else weights:
         start = time.perf_counter()
-        images = draw(diffusion, model, info["image_shape"], args.n, args.steps, args.seed, args.batch_size, asked, w)
+        images = draw(diffusion, model, info, args.n, args, asked, w)
         predicted = quality.class_probabilities(classifier, images).argmax(1)
         scores = quality.sample_quality(images, dataset, classifier=classifier, seed=args.seed)
         results[f"{w:g}"] = {
@@ -84,7 +106,7 @@ def main() -> None:
               f"({r['seconds']:.0f} s)", flush=True)
 
     plain, plain_diffusion, plain_info = load_model(args.unconditional)
-    images = draw(plain_diffusion, plain, plain_info["image_shape"], args.n, args.steps, args.seed, args.batch_size)
+    images = draw(plain_diffusion, plain, plain_info, args.n, args)
     fd_unconditional = quality.sample_quality(images, dataset, classifier=classifier, seed=args.seed)["fd"]
     print(f"unconditional {args.unconditional} (step {plain_info['step']}): FD {fd_unconditional:.3f}; "
           f"real-data floor ({args.n} training images): {floor:.3f}")
@@ -101,16 +123,22 @@ def main() -> None:
     print(f"recommended: w = {recommended:g} ({rule})")
 
     if args.write_provenance:
-        path = PRETRAINED_DIR / f"{args.checkpoint[len(PRETRAINED_PREFIX):]}.json"
         provenance = json.loads(path.read_text())
         provenance["recommended_guidance"] = {"w": recommended, "rule": rule}
-        provenance["guidance_measurement"] = {
-            "command": "python benchmarks/guidance.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-            "n": args.n, "steps": args.steps, "seed": args.seed, "results": results,
-            "fd_unconditional": fd_unconditional, "unconditional": args.unconditional, "fd_real": floor,
-            "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
-            "platform": platform.platform(), "torch": str(torch.__version__),
-        }
+        command = "python benchmarks/guidance.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        measured = {"date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
+                    "platform": platform.platform(), "torch": str(torch.__version__)}
+        if args.unconditional_only:
+            # The rows keep their own command and date; the reference says where it came from.
+            provenance["guidance_measurement"].update(
+                fd_unconditional=fd_unconditional, unconditional=args.unconditional,
+                unconditional_measurement={"command": command, "step": plain_info["step"], **measured})
+        else:
+            provenance["guidance_measurement"] = {
+                "command": command, "n": args.n, "steps": args.steps, "seed": args.seed,
+                "results": results, "fd_unconditional": fd_unconditional,
+                "unconditional": args.unconditional, "fd_real": floor, **measured,
+            }
         path.write_text(json.dumps(provenance, indent=2) + "\n")
         print(f"-> {path}")
 

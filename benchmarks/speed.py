@@ -14,7 +14,11 @@ Prints numbers; it is not a test.
     python benchmarks/speed.py --device cuda --model ddpm-cifar10 --batch-size 128 --precision bf16 \\
         --compile none,reduce-overhead
     python benchmarks/speed.py --device cuda --model mnist --batch-size 128 --sampling 1000
+    python benchmarks/speed.py --device cpu --model mnist-small --batch-size 64 --contiguous
     python benchmarks/speed.py --dry-run                         # every row at toy size, quickly
+
+The fast paths: --compile modes, data on the device (--data-on-host adds a row without it) and
+channels-last memory (--contiguous adds a row in NCHW; diffusers' network gets our layout).
 
 MFU (model-FLOPs utilisation) = the FLOPs of the network's forward and backward pass, counted
 by `torch.utils.flop_counter.FlopCounterMode`, divided by the step time and by the GPU's
@@ -112,11 +116,13 @@ class Contestant:
         return statistics.median(self.rounds)
 
 
-def ours(args, device, precision, mode: str, data_on_device: bool, run_dir: str) -> Contestant:
+def ours(args, device, precision, mode: str, data_on_device: bool, run_dir: str,
+         channels_last: bool | None = None) -> Contestant:
     dataset = DATASET_OF[args.model]
     config = TrainConfig.for_dataset(
         dataset, model=args.model, batch_size=args.batch_size, device=device.type, precision=precision,
-        compile=mode, data_on_device=data_on_device, run_dir=run_dir, warmup_steps=0,
+        compile=mode, data_on_device=data_on_device, channels_last=channels_last, run_dir=run_dir,
+        warmup_steps=0,
         model_overrides={"base_channels": 8} if args.dry_run else {},
     )
     info = {"cifar10": (3, 32), "mnist": (1, 28)}[dataset]
@@ -138,16 +144,17 @@ def ours(args, device, precision, mode: str, data_on_device: bool, run_dir: str)
                             enabled=trainer.amp_dtype is not None):
             return trainer.model(x_t.contiguous(memory_format=trainer.memory_format), t)
 
-    fast = [f"compile={mode}"] + ([] if data_on_device else ["data on host"])
-    return Contestant(f"naivediffusion ({', '.join(fast)})", step, (trainer.model, eager), args.batch_size, mode)
+    fast = ([f"compile={mode}"] + ([] if data_on_device else ["data on host"])
+            + ([] if trainer.memory_format == torch.channels_last else ["NCHW"]))
+    contestant = Contestant(f"naivediffusion ({', '.join(fast)})", step, (trainer.model, eager), args.batch_size, mode)
+    contestant.memory_format = trainer.memory_format
+    return contestant
 
 
-def theirs(args, device, precision, mode: str, reference: UNet) -> Contestant:
-    """diffusers' network inside the same step as ours."""
-    model = diffusers_twin(reference).to(device)
+def theirs(args, device, precision, mode: str, reference: UNet, memory_format) -> Contestant:
+    """diffusers' network inside the same step as ours, in the same memory format."""
+    model = diffusers_twin(reference).to(device, memory_format=memory_format)
     cuda = device.type == "cuda"
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
     network = model if mode == "none" else torch.compile(model, mode=mode)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     diffusion = Diffusion(1000, "linear", "eps")
@@ -159,7 +166,7 @@ def theirs(args, device, precision, mode: str, reference: UNet) -> Contestant:
     x0 = torch.rand(shape, device=device) * 2 - 1
 
     def run(net, x_t, t):
-        x_t = x_t.contiguous(memory_format=torch.channels_last) if cuda else x_t
+        x_t = x_t.contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             return net(x_t, t).sample
 
@@ -264,6 +271,8 @@ def main() -> None:
                         f"{', '.join(COMPILE_MODES)} (default: none)")
     parser.add_argument("--data-on-host", action="store_true",
                         help="also time our step with the images read through a DataLoader")
+    parser.add_argument("--contiguous", action="store_true",
+                        help="also time our step with the convolutions in NCHW memory, not channels last")
     parser.add_argument("--no-diffusers", action="store_true", help="only our rows")
     parser.add_argument("--steps", type=int, default=10, help="steps per timed round (default: 10)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default: 5)")
@@ -313,9 +322,12 @@ def main() -> None:
         for i, mode in enumerate(modes):
             contestants.append(ours(args, device, precision, mode, True, f"{scratch}/ours{i}"))
             if diffusers is not None and not args.no_diffusers:
-                contestants.append(theirs(args, device, precision, mode, contestants[0].network[0]))
+                contestants.append(theirs(args, device, precision, mode, contestants[0].network[0],
+                                          contestants[0].memory_format))
         if args.data_on_host:
             contestants.append(ours(args, device, precision, modes[0], False, f"{scratch}/host"))
+        if args.contiguous:
+            contestants.append(ours(args, device, precision, modes[0], True, f"{scratch}/nchw", False))
         reference = contestants[0].network[0]
         shape = (args.batch_size, reference.config["in_channels"], reference.config["image_size"],
                  reference.config["image_size"])

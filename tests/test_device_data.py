@@ -124,9 +124,34 @@ def test_trainer_trains_on_data_it_is_given_and_checks_its_shape(tmp_path):
     x, _ = next(trainer.batches())
     assert any(torch.equal(x[0], data[i][0]) for i in range(32))
     assert trainer.train(progress=False)["step"] == 3
+    resumed = Trainer.resume(tmp_path / "given", steps=5, data=data)
+    assert resumed.dataset is data and resumed.step == 3
+    assert resumed.train(progress=False)["step"] == 5
     wrong = InMemoryImages(torch.zeros(32, 3, 32, 32, dtype=torch.uint8), torch.zeros(32, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"the data's images are \(3, 32, 32\), but mnist images are \(1, 28, 28\)"):
         Trainer(tiny_config(tmp_path / "wrong"), data=wrong)
+
+
+def test_channels_last_is_the_cpu_default_and_learns_the_same(tmp_path):
+    """NHWC memory is a faster layout for the same arithmetic: the same batches and noise give
+    the same weights, within float rounding (the kernels sum in another order)."""
+    images = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8)
+    data = InMemoryImages(images, torch.randint(0, 10, (32,)))
+    nhwc = Trainer(tiny_config(tmp_path / "nhwc"), data=data)
+    nchw = Trainer(tiny_config(tmp_path / "nchw", channels_last=False), data=data)
+    assert nhwc.memory_format == torch.channels_last and nchw.memory_format == torch.contiguous_format
+    conv = next(p for p in nhwc.model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    for trainer in (nhwc, nchw):
+        batches = trainer.batches()
+        losses = [trainer.train_step(next(batches)[0]).item() for _ in range(3)]
+        trainer.losses = losses
+    assert nhwc.losses == pytest.approx(nchw.losses, rel=1e-5)
+    for a, b in zip(nhwc.ema.module.parameters(), nchw.ema.module.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert "channels_last" in TrainConfig.__dataclass_fields__
+    with pytest.raises(ValueError, match="channels_last"):
+        TrainConfig.for_dataset("mnist", channels_last="yes")
 
 
 def test_compile_modes_are_checked_and_old_checkpoints_read():

@@ -437,3 +437,23 @@ def test_larger_w_moves_samples_away_from_the_other_class_and_sharpens_them(c):
     # ... and each larger w moves the mean further from the other class and narrows the spread.
     assert all(b > a + 0.01 for a, b in zip(means[:-1], means[1:], strict=True)), means
     assert all(b < a - 0.002 for a, b in zip(stds[:-1], stds[1:], strict=True)), stds
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--unconditional-only updates the stored measurement: add --write-provenance"),
+    (["--write-provenance", "--n", "7"], "the stored rows were measured with --n 1000, not 7: pass --n 1000"),
+])
+def test_the_guidance_benchmark_refuses_to_mix_measurements(extra, message):
+    """--unconditional-only reuses the stored per-weight rows only at the n, steps and seed that
+    made them, and writes nothing otherwise."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    stored = (root / "naivediffusion/pretrained/mnist_conditional.json").read_bytes()
+    run = subprocess.run([sys.executable, "benchmarks/guidance.py", "--unconditional-only", *extra],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].endswith(message)
+    assert (root / "naivediffusion/pretrained/mnist_conditional.json").read_bytes() == stored
