@@ -12,6 +12,7 @@
 #   env.txt             GPU, driver, Python, torch, and the wheels installed
 #   speed_mnist.json    benchmarks/speed.py: the mnist preset, batch 128, bf16 and fp32, compile
 #                       modes none and reduce-overhead, data on the device and on the host,
+#                       channels_last and NCHW,
 #                       DDIM-50 of 1,000 images
 #   speed_cifar10.json  benchmarks/speed.py: ddpm-cifar10 (35.7M), batch 128, bf16, ours and
 #                       diffusers' UNet2DModel, MFU and peak memory
@@ -110,7 +111,7 @@ fi
 
 # 2. Speed: the mnist preset (steps/s at batch 128, bf16 against fp32, the sampler).
 step "speed mnist bf16" 110 "$python" benchmarks/speed.py $toy --device $device --model mnist --batch-size 128 \
-  --precision bf16 --compile none,reduce-overhead --data-on-host --no-diffusers --sampling 1000 --json "$out/speed_mnist.json"
+  --precision bf16 --compile none,reduce-overhead --data-on-host --contiguous --no-diffusers --sampling 1000 --json "$out/speed_mnist.json"
 step "speed mnist fp32" 70 "$python" benchmarks/speed.py $toy --device $device --model mnist --batch-size 128 \
   --precision fp32 --compile none,reduce-overhead --no-diffusers --json "$scratch/speed_mnist_fp32.json"
 # 3. Speed: the paper's network beside diffusers', MFU and memory.
