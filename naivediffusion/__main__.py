@@ -27,6 +27,7 @@ import torch
 from . import viz
 from .budget import pick_device
 from .data import load_dataset
+from .diffusion import VARIANCES, Diffusion
 from .likelihood import bits_per_dim
 from .quality import (
     class_probabilities,
@@ -107,6 +108,10 @@ def add_train_parser(subparsers) -> None:
                    help="stop after this many minutes of training steps, with a final checkpoint "
                    "and ema.pt as if --steps were reached; the learning-rate schedule plans for "
                    "the step the measured speed reaches by then (default: no limit)")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="fine-tune: start from the EMA weights of this checkpoint (a run's checkpoint.pt "
+                        "or ema.pt, or pretrained:NAME) with a new optimizer and schedule; it must "
+                        "have this run's network and noise process (default: random weights)")
     p.add_argument("--class-conditional", action="store_true", default=None,
                    help="learn to draw a chosen class (sample --label K), with classifier-free "
                    "guidance (sample --guidance W) (default: off)")
@@ -162,7 +167,7 @@ _TRAIN_FIELDS = (
     "loss_weighting", "min_snr_gamma", "max_minutes", "class_conditional", "p_uncond", "grad_clip", "ema_decay",
     "model", "dropout", "image_size", "timesteps", "schedule", "objective", "device",
     "precision", "compile", "seed", "log_every", "sample_every", "checkpoint_every",
-    "num_sample_images", "num_workers", "data_root", "data_on_device",
+    "num_sample_images", "num_workers", "data_root", "data_on_device", "init_from",
 )
 
 
@@ -261,6 +266,7 @@ def add_sample_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="DDIM steps (default: 50, or T if smaller; ddpm always runs all T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: 0)")
+    p.add_argument("--variance", choices=VARIANCES, default=None, help=_VARIANCE_HELP)
     p.add_argument("--out", default="grid.png", help="PNG file for the grid (default: grid.png)")
     p.add_argument("--nrow", type=int, default=None, help="images per row (default: sqrt of --n)")
     p.add_argument("--save-samples", metavar="PATH", default=None,
@@ -336,11 +342,29 @@ def draw(diffusion, model, info, n: int, args, generator, labels: torch.Tensor |
     return torch.cat(chunks)
 
 
+_VARIANCE_HELP = (
+    "the reverse steps' fixed variance sigma_t^2 for bits/dim and the ddpm sampler: beta (beta_t) or "
+    "posterior (beta-tilde_t of Eq. 7). Training's L_simple has no sigma, so the same network takes "
+    "either (Sec. 3.2: similar samples); posterior gives a tighter bound (default: the checkpoint's)")
+
+
+def _load(args, device):
+    """The EMA model, its diffusion and info, for `sample` and `evaluate`: `load_model`, with
+    the reverse variance that --variance names (the network is the same for either)."""
+    model, diffusion, info = load_model(args.checkpoint, device=device, ema=True)
+    if args.variance is not None:
+        if args.sampler == "ddim" and getattr(args, "metric", "fid") == "fid":
+            raise ValueError("--variance applies to --sampler ddpm and --metric bpd; DDIM's noise "
+                             "is set by --eta")
+        diffusion = Diffusion(**{**diffusion.config, "variance": args.variance})
+    return model, diffusion, info
+
+
 def run_sample(args) -> int:
     if args.n < 1 or args.batch_size < 1:
         raise ValueError("--n and --batch-size must be at least 1")
     device = pick_device(args.device)
-    model, diffusion, info = load_model(args.checkpoint, device=device, ema=True)
+    model, diffusion, info = _load(args, device)
     classes, guidance = _conditioning(args, model, info)
     if args.compile != "none":
         # The sampler calls the network with the same shapes at every step (a last, smaller
@@ -448,6 +472,7 @@ def add_evaluate_parser(subparsers) -> None:
                         help="fid: ddpm runs all T steps, ddim --steps (default: ddim)")
     parser.add_argument("--steps", type=int, default=None, help="fid: DDIM steps (default: 50)")
     parser.add_argument("--eta", type=float, default=0.0, help="fid: DDIM noise (default: 0)")
+    parser.add_argument("--variance", choices=VARIANCES, default=None, help=_VARIANCE_HELP)
     parser.add_argument("--guidance", type=float, default=None, metavar="W",
                         help="fid of a class-conditional model: the guidance weight w >= 0; it draws "
                         "the classes in turn and also reports the fraction classified as the class "
@@ -474,7 +499,7 @@ def run_evaluate(args) -> int:
     if args.n < 2 or args.batch_size < 1:
         raise ValueError("--n must be at least 2 and --batch-size at least 1")
     device = pick_device(args.device)
-    model, diffusion, info = load_model(args.checkpoint, device=device, ema=True)
+    model, diffusion, info = _load(args, device)
     if args.guidance is not None and args.metric != "fid":
         raise ValueError("--guidance applies to --metric fid (bits/dim is of the unconditional model)")
     _, guidance = _conditioning(args, model, info, guidance_needs_label=False)
@@ -512,7 +537,8 @@ def run_evaluate(args) -> int:
         how = "all" if args.timesteps in (None, T) else "a stratified estimate from"
         summary = (f"bits/dim {result['bpd']:.4f} +- {result['bpd_standard_error']:.4f} on {args.n} "
                    f"{dataset} test images ({how} {len(terms['t'])} of T={T} terms; prior "
-                   f"{result['terms']['prior']:.2e}, decoder L_0 {result['terms']['decoder']:.4f})")
+                   f"{result['terms']['prior']:.2e}, decoder L_0 {result['terms']['decoder']:.4f}; "
+                   f"variance {diffusion.variance})")
     else:
         classifier = load_classifier(dataset, args.classifier, device=device)
         steps = args.steps if args.sampler == "ddim" else None
@@ -531,7 +557,8 @@ def run_evaluate(args) -> int:
             scores["guidance"] = guidance
             scores["accuracy"] = (classes == labels).double().mean().item()
         result.update(
-            sampler=args.sampler, steps=steps or diffusion.num_timesteps, eta=args.eta, **scores,
+            sampler=args.sampler, steps=steps or diffusion.num_timesteps, eta=args.eta,
+            variance=diffusion.variance, **scores,
             score="Fréchet distance in the features of the naivediffusion classifier (not Inception FID)",
             classifier={k: classifier.metadata.get(k) for k in ("path", "test_accuracy", "command")},
         )

@@ -137,6 +137,10 @@ class TrainConfig:
     loss_weighting: str = "none"  # "none" (L_simple, Eq. 14) or "min-snr" (Hang et al. 2023)
     min_snr_gamma: float = 5.0  # gamma of Min-SNR-gamma (the paper's default)
     max_minutes: float | None = None  # end after this much training time, as if `steps` were reached
+    # Fine-tuning: start from the EMA weights of this checkpoint (a run's checkpoint.pt or
+    # ema.pt, a run folder, or "pretrained:NAME") instead of random ones, with a new optimizer,
+    # learning-rate schedule and step count. Its network and noise process must be this run's.
+    init_from: str | None = None
     # Classifier-free guidance (Ho & Salimans 2022): learn eps(x_t, c) and, through a null
     # class, the unconditional eps(x_t) in one network. Each training image's label is
     # replaced by the null class with probability p_uncond, per image (the paper tries 0.1
@@ -199,6 +203,8 @@ class TrainConfig:
                              f"{', '.join(WEIGHTINGS)}")
         if not self.min_snr_gamma > 0:
             raise ValueError(f"min_snr_gamma must be positive (the paper uses 5); got {self.min_snr_gamma}")
+        if self.init_from is not None and not (isinstance(self.init_from, str) and self.init_from):
+            raise ValueError(f"init_from must name a checkpoint (a path or pretrained:NAME); got {self.init_from!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be positive (or None for no time limit); got {self.max_minutes}")
         if not 0.0 <= self.p_uncond <= 1.0:
@@ -719,6 +725,11 @@ class Trainer:
             overrides["dropout"] = config.dropout
         self.model = UNet.from_preset(config.model, **overrides)
         self.model.check_size(size, size)
+        # What the weights started from: None for random ones, else {"path", "step"} of
+        # config.init_from (kept in the checkpoints, so a resumed run still knows).
+        self.init = None
+        if config.init_from is not None and checkpoint is None:
+            self.init = self._start_from(config.init_from)
         self.model.to(self.device, memory_format=self.memory_format)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_update_fn(config.ema_decay, config.ema_warmup),
                                  use_buffers=True)
@@ -774,6 +785,34 @@ class Trainer:
         self._interval = None  # the steps since the last log line, while train() runs
         if checkpoint is not None:
             self.load_state_dict(checkpoint)
+
+    def _start_from(self, source: str) -> dict:
+        """Load the EMA weights of checkpoint `source` into the new network (fine-tuning).
+
+        Only the weights come along: the optimizer, the learning-rate schedule, the step
+        count and the EMA start afresh, as in a new run (the EMA from these weights).
+        Raises ValueError when the checkpoint's network or noise process is not this run's."""
+        start = load_checkpoint(source)
+        path = start["path"]
+        theirs, ours = start.get("model_config") or {}, self.model.config
+        differ = [k for k in sorted(set(theirs) | set(ours)) if k != "dropout" and theirs.get(k) != ours.get(k)]
+        if differ:
+            was = ", ".join(f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ)
+            trained = start.get("train_config") or {}
+            preset = f" (a {trained['model']!r} network)" if "model" in trained else ""
+            raise ValueError(f"--init-from {source}: its network{preset} is not this run's ({was}); "
+                             "pass the --model (and --class-conditional) it was trained with")
+        process = start.get("diffusion_config") or {}
+        differ = [k for k in ("timesteps", "schedule", "objective") if process.get(k) != getattr(self.config, k)]
+        if differ:
+            was = ", ".join(f"{k} {process.get(k)!r} there, {getattr(self.config, k)!r} here" for k in differ)
+            raise ValueError(f"--init-from {source}: it learned another noise process ({was}); pass the "
+                             "same --timesteps, --schedule and --objective")
+        if "ema" not in start:
+            raise CheckpointError(f"--init-from {source}: {path} holds no EMA weights; give a run's "
+                                  "checkpoint.pt or ema.pt")
+        self.model.load_state_dict(unwrap_state_dict(start["ema"]))
+        return {"path": str(path), "step": start.get("step")}
 
     @classmethod
     def resume(cls, run_dir: str | os.PathLike, *, data=None, **overrides) -> Trainer:
@@ -1195,6 +1234,7 @@ class Trainer:
             "data_position": {"epoch": self.epoch, "position": self.position},
             "elapsed": self.elapsed,
             "planned_steps": self.planned_steps,
+            "init": self.init,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -1215,6 +1255,7 @@ class Trainer:
         if self.scaler.is_enabled() and checkpoint["scaler"]:
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.step = checkpoint["step"]
+        self.init = checkpoint.get("init")
         self.epoch = checkpoint["data_position"]["epoch"]
         self.position = checkpoint["data_position"]["position"]
         self.elapsed = checkpoint["elapsed"]
@@ -1251,6 +1292,7 @@ class Trainer:
             "version": CHECKPOINT_VERSION,
             "kind": "ema",
             "step": self.step,
+            "init": self.init,
             "ema": weights,
             "train_config": dataclasses.asdict(self.config),
             "model_config": self.model.config,

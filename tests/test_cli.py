@@ -122,6 +122,33 @@ def test_sample_with_the_ddpm_sampler(run_dir, tmp_path):
     assert Image.open(tmp_path / "g.png").size == grid_size(2, 2)
 
 
+def test_sample_ddpm_with_the_posterior_variance(run_dir, tmp_path):
+    """The same network and seed under sigma^2 = beta and sigma^2 = beta-tilde: other images."""
+    images = {}
+    for variance in ("beta", "posterior"):
+        saved = tmp_path / f"{variance}.pt"
+        assert main(["sample", "--checkpoint", str(run_dir), "--n", "2", "--sampler", "ddpm",
+                     "--variance", variance, "--device", "cpu", "--out", str(tmp_path / "g.png"),
+                     "--save-samples", str(saved), "--no-progress"]) == 0
+        images[variance] = torch.load(saved, weights_only=True)
+    assert images["beta"].shape == images["posterior"].shape == (2, 1, 28, 28)
+    assert not torch.equal(images["beta"], images["posterior"])
+
+
+def test_init_from_fine_tunes_a_finished_run(run_dir, tmp_path, capsys):
+    fine = tmp_path / "fine"
+    assert main(train_args(fine, "--init-from", str(run_dir / "ema.pt"))) == 0
+    release = torch.load(fine / "ema.pt", weights_only=True)
+    assert release["train_config"]["init_from"] == str(run_dir / "ema.pt")
+    assert release["init"] == {"path": str(run_dir / "ema.pt"), "step": STEPS}
+    # A network of another width cannot start from it: one line, nothing written.
+    other = tmp_path / "other"
+    code = main(train_args(other, "--init-from", str(run_dir), "--base-channels", "16"))
+    assert_one_line_error(capsys, code, "--init-from", "its network (a 'mnist-small' network) is not",
+                          "base_channels 8 there, 16 here")
+    assert not other.exists()
+
+
 # ------------------------------------------------------------------ bad inputs
 
 

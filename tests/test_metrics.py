@@ -468,3 +468,31 @@ def test_evaluate_errors_are_clear(tiny_checkpoint, tmp_path, capsys):
     assert evaluate(["--checkpoint", str(tiny_checkpoint), "--metric", "bpd", "--timesteps", "0",
                      "--device", "cpu", "--out", str(tmp_path / "m.json")]) == 2
     assert "timesteps" in capsys.readouterr().err and not (tmp_path / "m.json").exists()
+
+
+def test_evaluate_bpd_takes_either_reverse_variance(tiny_checkpoint, tmp_path, mnist_root, capsys):
+    """--variance swaps sigma_t^2 for the same network: the prior and L_0 (whose width is the
+    same posterior variance for both) stay, the KL terms of t >= 1 change."""
+    results = {}
+    for variance in ("beta", "posterior"):
+        out = tmp_path / f"{variance}.json"
+        assert evaluate(["--checkpoint", str(tiny_checkpoint), "--metric", "bpd", "--n", "6",
+                         "--timesteps", "5", "--variance", variance, "--device", "cpu",
+                         "--data-root", str(mnist_root), "--out", str(out), "--no-progress"]) == 0
+        results[variance] = json.loads(out.read_text())
+        assert results[variance]["diffusion_config"]["variance"] == variance
+        assert f"variance {variance}" in capsys.readouterr().out
+    beta, posterior = results["beta"], results["posterior"]
+    assert beta["terms"]["t"] == posterior["terms"]["t"]
+    assert beta["terms"]["prior"] == posterior["terms"]["prior"]
+    assert beta["terms"]["decoder"] == pytest.approx(posterior["terms"]["decoder"], rel=1e-9)
+    assert all(abs(a - b) > 1e-6 for a, b in zip(beta["terms"]["vb"][1:], posterior["terms"]["vb"][1:]))
+
+
+def test_variance_is_refused_where_it_changes_nothing(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert evaluate(["--checkpoint", str(tiny_checkpoint), "--metric", "fid", "--sampler", "ddim",
+                     "--variance", "posterior", "--device", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --variance applies to --sampler ddpm") and "--eta" in err
+    assert not out.exists()

@@ -436,3 +436,36 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path, monkeyp
         trainer.train(progress=False)
     assert (run_dir / "checkpoint.pt").read_bytes() == checkpoint_bytes
     assert (run_dir / "ema.pt").read_bytes() == ema_bytes
+
+
+# ------------------------------------------------------------- fine-tuning
+
+
+def test_init_from_starts_from_the_ema_weights_with_a_new_optimizer(trained_run, tmp_path):
+    source = load_checkpoint(trained_run / "ema.pt")
+    trainer = Trainer(tiny_config(tmp_path / "fine", steps=2, init_from=str(trained_run / "ema.pt")))
+    assert trainer.init == {"path": str(trained_run / "ema.pt"), "step": 4}
+    assert trainer.step == 0 and not trainer.optimizer.state
+    assert trainer.optimizer.param_groups[0]["lr"] == trainer.lr_factor(0) * trainer.config.lr
+    assert_same_state(unwrap_state_dict(trainer.model.state_dict()), source["ema"])
+    assert_same_state(unwrap_state_dict(trainer.ema.state_dict()), source["ema"])  # the EMA starts there too
+    fresh = Trainer(tiny_config(tmp_path / "fresh", steps=2))
+    assert not torch.equal(fresh.model.conv_in.weight, trainer.model.conv_in.weight)
+
+    trainer.train(progress=False)
+    assert load_checkpoint(tmp_path / "fine" / "ema.pt")["init"] == trainer.init
+    resumed = Trainer.resume(tmp_path / "fine", steps=3)  # the resumed run still knows its start
+    assert resumed.init == trainer.init and resumed.step == 2
+
+
+def test_init_from_refuses_another_network_or_noise_process(trained_run, tmp_path):
+    ema = str(trained_run / "ema.pt")
+    with pytest.raises(ValueError, match=r"its network \(a 'mnist' network\) is not this run's \(base_channels 8 there, 16 here\)"):
+        Trainer(tiny_config(tmp_path / "a", init_from=ema, model_overrides={"base_channels": 16}))
+    with pytest.raises(ValueError, match=r"another noise process \(timesteps 50 there, 60 here\)"):
+        Trainer(tiny_config(tmp_path / "b", init_from=ema, timesteps=60))
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        Trainer(tiny_config(tmp_path / "c", init_from=str(tmp_path / "missing.pt")))
+    with pytest.raises(ValueError, match="init_from must name a checkpoint"):
+        tiny_config(tmp_path / "d", init_from="")
+    assert not any((tmp_path / name).exists() for name in "abcd")
