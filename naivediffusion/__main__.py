@@ -510,6 +510,7 @@ def run_evaluate(args) -> int:
     root = args.data_root or train_config.get("data_root")
     image_size = train_config.get("image_size")
     result = {"metric": args.metric, "checkpoint": str(info["path"]), "step": info["step"],
+              "total_steps": info["total_steps"],
               "dataset": dataset, "n": args.n, "seed": args.seed, "device": str(device)}
     start = time.perf_counter()
     generator = torch.Generator(device=device).manual_seed(args.seed)

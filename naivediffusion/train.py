@@ -618,6 +618,13 @@ def unwrap_state_dict(state: dict) -> dict[str, Tensor]:
     return weights
 
 
+def total_steps(checkpoint: dict) -> int:
+    """The optimizer steps behind a checkpoint's weights: its run's, plus those of the model its
+    run started from (--init-from), and of the one that one started from, and so on."""
+    init = checkpoint.get("init") or {}
+    return (checkpoint.get("step") or 0) + (init.get("total_steps", init.get("step")) or 0)
+
+
 def load_model(path: str | os.PathLike, device="cpu", ema: bool = True) -> tuple[UNet, Diffusion, dict]:
     """Rebuild the trained network and its diffusion process from a checkpoint.
 
@@ -627,7 +634,8 @@ def load_model(path: str | os.PathLike, device="cpu", ema: bool = True) -> tuple
         device: where to put the model.
         ema: the EMA weights (what DDPM samples from) rather than the raw ones.
     Returns:
-        (model in eval mode, diffusion, info) where info holds "step", "image_shape"
+        (model in eval mode, diffusion, info) where info holds "step" (of the run that wrote
+        the file), "total_steps" (with those of the models it started from), "image_shape"
         [C, H, W], "train_config", "model_config", "diffusion_config", "kind" and "path".
     """
     checkpoint = load_checkpoint(path)
@@ -651,6 +659,8 @@ def load_model(path: str | os.PathLike, device="cpu", ema: bool = True) -> tuple
         "path": path,
         "kind": checkpoint.get("kind"),
         "step": checkpoint.get("step"),
+        "total_steps": total_steps(checkpoint),
+        "init": checkpoint.get("init"),
         "image_shape": list(checkpoint.get("image_shape", [channels, size, size])),
         "train_config": checkpoint.get("train_config"),
         "model_config": checkpoint["model_config"],
@@ -812,7 +822,7 @@ class Trainer:
             raise CheckpointError(f"--init-from {source}: {path} holds no EMA weights; give a run's "
                                   "checkpoint.pt or ema.pt")
         self.model.load_state_dict(unwrap_state_dict(start["ema"]))
-        return {"path": str(path), "step": start.get("step")}
+        return {"path": str(path), "step": start.get("step"), "total_steps": total_steps(start)}
 
     @classmethod
     def resume(cls, run_dir: str | os.PathLike, *, data=None, **overrides) -> Trainer:

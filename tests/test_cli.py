@@ -140,7 +140,7 @@ def test_init_from_fine_tunes_a_finished_run(run_dir, tmp_path, capsys):
     assert main(train_args(fine, "--init-from", str(run_dir / "ema.pt"))) == 0
     release = torch.load(fine / "ema.pt", weights_only=True)
     assert release["train_config"]["init_from"] == str(run_dir / "ema.pt")
-    assert release["init"] == {"path": str(run_dir / "ema.pt"), "step": STEPS}
+    assert release["init"] == {"path": str(run_dir / "ema.pt"), "step": STEPS, "total_steps": STEPS}
     # A network of another width cannot start from it: one line, nothing written.
     other = tmp_path / "other"
     code = main(train_args(other, "--init-from", str(run_dir), "--base-channels", "16"))

@@ -444,7 +444,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path, monkeyp
 def test_init_from_starts_from_the_ema_weights_with_a_new_optimizer(trained_run, tmp_path):
     source = load_checkpoint(trained_run / "ema.pt")
     trainer = Trainer(tiny_config(tmp_path / "fine", steps=2, init_from=str(trained_run / "ema.pt")))
-    assert trainer.init == {"path": str(trained_run / "ema.pt"), "step": 4}
+    assert trainer.init == {"path": str(trained_run / "ema.pt"), "step": 4, "total_steps": 4}
     assert trainer.step == 0 and not trainer.optimizer.state
     assert trainer.optimizer.param_groups[0]["lr"] == trainer.lr_factor(0) * trainer.config.lr
     assert_same_state(unwrap_state_dict(trainer.model.state_dict()), source["ema"])
@@ -456,6 +456,14 @@ def test_init_from_starts_from_the_ema_weights_with_a_new_optimizer(trained_run,
     assert load_checkpoint(tmp_path / "fine" / "ema.pt")["init"] == trainer.init
     resumed = Trainer.resume(tmp_path / "fine", steps=3)  # the resumed run still knows its start
     assert resumed.init == trainer.init and resumed.step == 2
+    _, _, info = load_model(tmp_path / "fine" / "ema.pt")
+    assert info["step"] == 2 and info["total_steps"] == 6 and info["init"] == trainer.init
+    # A third run counts all the steps behind its weights.
+    third = Trainer(tiny_config(tmp_path / "third", steps=1, init_from=str(tmp_path / "fine")))
+    assert third.init["total_steps"] == 6
+    third.train(progress=False)
+    assert load_model(tmp_path / "third")[2]["total_steps"] == 7
+    assert load_model(trained_run)[2]["total_steps"] == 4  # a run from random weights: its own
 
 
 def test_init_from_refuses_another_network_or_noise_process(trained_run, tmp_path):
@@ -469,3 +477,46 @@ def test_init_from_refuses_another_network_or_noise_process(trained_run, tmp_pat
     with pytest.raises(ValueError, match="init_from must name a checkpoint"):
         tiny_config(tmp_path / "d", init_from="")
     assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def test_export_chains_the_record_of_a_run_that_started_from_a_shipped_model(tmp_path):
+    """benchmarks/export_pretrained.py: a model trained in two runs ships one record of both."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "export_pretrained.py"
+    out = tmp_path / "pretrained"
+
+    def export(run_dir, *extra):
+        return subprocess.run([sys.executable, str(script), str(run_dir), "--name", "m", "--out-dir", str(out),
+                               "--command", f"train {run_dir.name}", "--hardware", "test", "--grids", "2", *extra],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    first = tmp_path / "first"
+    Trainer(tiny_config(first, steps=4, sample_every=2, log_every=2)).train(progress=False)
+    assert export(first).returncode == 0
+    second = tmp_path / "second"
+    Trainer(tiny_config(second, steps=3, sample_every=3, log_every=1, init_from=str(out / "m.pt"))).train(progress=False)
+
+    refused = export(second)  # without the earlier record: one line, nothing replaced
+    assert refused.returncode == 2 and refused.stderr.startswith("error: ") and "--previous" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert json.loads((out / "m.json").read_text())["step"] == 4
+
+    done = export(second, "--previous", str(out / "m.json"))
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "m.json").read_text())
+    assert record["step"] == 7 and [run["step"] for run in record["runs"]] == [4, 3]
+    assert record["runs"][0]["init"] is None and record["runs"][1]["init"]["step"] == 4
+    assert record["command"] == "train second" and record["runs"][0]["command"] == "train first"
+    assert record["train_seconds"] == pytest.approx(sum(run["train_seconds"] for run in record["runs"]))
+    lines = [json.loads(line) for line in (out / "m_log.jsonl").read_text().splitlines()]
+    assert [(r["run"], r["run_step"], r["step"]) for r in lines] == [
+        (1, 2, 2), (1, 4, 4), (2, 1, 5), (2, 2, 6), (2, 3, 7)]
+    assert all(a["elapsed"] < b["elapsed"] for a, b in zip(lines, lines[1:]))
+    # the earlier record's first and last grid, then this run's, named by the step over all runs
+    assert record["grids"] == ["m_grids/step_000002.png", "m_grids/step_000004.png", "m_grids/step_000007.png"]
+    assert all((out / name).is_file() for name in record["grids"])
+    assert torch.equal(load_checkpoint(out / "m.pt")["ema"]["conv_in.weight"],
+                       load_checkpoint(second / "ema.pt")["ema"]["conv_in.weight"])
