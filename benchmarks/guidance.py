@@ -108,7 +108,7 @@ def main() -> None:
     plain, plain_diffusion, plain_info = load_model(args.unconditional)
     images = draw(plain_diffusion, plain, plain_info, args.n, args)
     fd_unconditional = quality.sample_quality(images, dataset, classifier=classifier, seed=args.seed)["fd"]
-    print(f"unconditional {args.unconditional} (step {plain_info['step']}): FD {fd_unconditional:.3f}; "
+    print(f"unconditional {args.unconditional} ({plain_info['total_steps']} steps): FD {fd_unconditional:.3f}; "
           f"real-data floor ({args.n} training images): {floor:.3f}")
 
     good = [w for w in weights if results[f"{w:g}"]["accuracy"] >= args.target_accuracy
@@ -132,7 +132,8 @@ def main() -> None:
             # The rows keep their own command and date; the reference says where it came from.
             provenance["guidance_measurement"].update(
                 fd_unconditional=fd_unconditional, unconditional=args.unconditional,
-                unconditional_measurement={"command": command, "step": plain_info["step"], **measured})
+                unconditional_measurement={"command": command, "step": plain_info["step"],
+                                           "total_steps": plain_info["total_steps"], **measured})
         else:
             provenance["guidance_measurement"] = {
                 "command": command, "n": args.n, "steps": args.steps, "seed": args.seed,

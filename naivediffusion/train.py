@@ -717,7 +717,7 @@ class Trainer:
             # TF32 matrix multiplies: float32 range with a 10-bit mantissa, much faster on
             # Ampere and later, and accurate enough for training.
             torch.set_float32_matmul_precision("high")
-        # Channels last (NHWC) in memory, where the convolutions are faster so (TrainConfig).
+        # Channels-last (NHWC) memory where it was measured faster: CUDA and the CPU (TrainConfig).
         nhwc = config.channels_last if config.channels_last is not None else self.device.type in ("cuda", "cpu")
         self.memory_format = torch.channels_last if nhwc else torch.contiguous_format
         torch.manual_seed(config.seed)  # the initial weights, and dropout from here on
