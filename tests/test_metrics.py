@@ -486,7 +486,7 @@ def test_evaluate_bpd_takes_either_reverse_variance(tiny_checkpoint, tmp_path, m
     assert beta["terms"]["t"] == posterior["terms"]["t"]
     assert beta["terms"]["prior"] == posterior["terms"]["prior"]
     assert beta["terms"]["decoder"] == pytest.approx(posterior["terms"]["decoder"], rel=1e-9)
-    assert all(abs(a - b) > 1e-6 for a, b in zip(beta["terms"]["vb"][1:], posterior["terms"]["vb"][1:]))
+    assert all(abs(a - b) > 1e-6 for a, b in zip(beta["terms"]["vb"][1:], posterior["terms"]["vb"][1:], strict=True))
 
 
 def test_variance_is_refused_where_it_changes_nothing(tiny_checkpoint, tmp_path, capsys):

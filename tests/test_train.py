@@ -5,6 +5,7 @@ few steps of batch 8 on real MNIST, so each takes a second or two on a CPU.
 """
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -514,7 +515,7 @@ def test_export_chains_the_record_of_a_run_that_started_from_a_shipped_model(tmp
     lines = [json.loads(line) for line in (out / "m_log.jsonl").read_text().splitlines()]
     assert [(r["run"], r["run_step"], r["step"]) for r in lines] == [
         (1, 2, 2), (1, 4, 4), (2, 1, 5), (2, 2, 6), (2, 3, 7)]
-    assert all(a["elapsed"] < b["elapsed"] for a, b in zip(lines, lines[1:]))
+    assert all(a["elapsed"] < b["elapsed"] for a, b in itertools.pairwise(lines))
     # the earlier record's first and last grid, then this run's, named by the step over all runs
     assert record["grids"] == ["m_grids/step_000002.png", "m_grids/step_000004.png", "m_grids/step_000007.png"]
     assert all((out / name).is_file() for name in record["grids"])
