@@ -87,8 +87,8 @@ def main() -> None:
     if len(grids) > args.grids:
         grids = [grids[round(i * (len(grids) - 1) / (args.grids - 1))] for i in range(args.grids)]
     if ema.get("init") and args.previous is None:
-        fail(f"{run_dir} started from {ema['init']['path']} (--init-from); pass --previous "
-                 "with that model's record (its .json) so that the shipped record covers all of its training")
+        fail(f"{run_dir} started from {ema['init']['path']} (--init-from); pass --previous with that "
+             "model's record (its .json) so that the shipped record covers all of its training")
 
     # Everything of an earlier record is read before anything is written: it may be the very
     # files this export replaces.
@@ -101,8 +101,8 @@ def main() -> None:
         runs, lines = earlier_runs(previous, previous_log)
         if not ema.get("init") or ema["init"]["step"] != runs[-1]["step"]:
             fail(f"{run_dir} did not start (--init-from) from the model that {previous_path} "
-                     f"records (at step {runs[-1]['step']} of its last run); pass the record of the "
-                     "model it started from, or no --previous")
+                 f"records (at step {runs[-1]['step']} of its last run); pass the record of the "
+                 "model it started from, or no --previous")
         kept = [previous["grids"][0], previous["grids"][-1]] if len(previous["grids"]) > 1 else previous["grids"]
         grid_bytes = {Path(name).name: (previous_path.parent / name).read_bytes() for name in kept}
     steps_before = sum(r["step"] for r in runs)
@@ -126,21 +126,16 @@ def main() -> None:
     config = ema["train_config"]
     parameters = sum(v.numel() for v in ema["ema"].values() if v.is_floating_point())
     chained = len(runs) > 1
+    last = runs[-1]
     provenance = {
         "what": f"EMA weights of the {config['model']!r} U-Net ({parameters / 1e6:.2f}M parameters) "
                 f"trained on {config['dataset']}" + (f" in {len(runs)} runs, each from the last one's "
                                                      "weights" if chained else ""),
-        "step": steps_before + ema["step"],  # optimizer steps over all runs
-        "planned_steps": checkpoint.get("planned_steps"),  # of the last run
-        "command": args.command,  # the last run's; "runs" has each
-        "hardware": args.hardware,
-        "torch": str(torch.__version__),
-        "platform": platform.platform(),
-        "train_seconds": round(seconds_before + checkpoint["elapsed"], 1),  # over all runs
-        "date": datetime.date.today().isoformat(),
-        "note": args.note,
-        "final_loss": log[-1]["loss"],
-        "train_config": config,  # the last run's
+        # The last run's entry (its command, planned_steps, train_config, ...), with the steps
+        # and the training time counted over all runs; "runs" has each.
+        **{key: value for key, value in last.items() if key != "init"},
+        "step": steps_before + last["step"],
+        "train_seconds": round(seconds_before + last["train_seconds"], 1),
         "runs": runs,
         "log": f"{args.name}_log.jsonl: " + ("the runs' log.jsonl files in order; per line, \"run\" "
                "(1, 2, ...), \"run_step\" (the step within it), \"step\" and \"elapsed\" counted over "

@@ -735,8 +735,8 @@ class Trainer:
             overrides["dropout"] = config.dropout
         self.model = UNet.from_preset(config.model, **overrides)
         self.model.check_size(size, size)
-        # What the weights started from: None for random ones, else {"path", "step"} of
-        # config.init_from (kept in the checkpoints, so a resumed run still knows).
+        # What the weights started from: None for random ones, else {"path", "step",
+        # "total_steps"} of config.init_from (kept in the checkpoints, so a resumed run knows).
         self.init = None
         if config.init_from is not None and checkpoint is None:
             self.init = self._start_from(config.init_from)
