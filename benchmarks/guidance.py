@@ -1,7 +1,8 @@
 """The guidance trade-off of a class-conditional model: accuracy on the asked-for class and
 sample quality against the guidance weight w, next to the unconditional model.
 
-For each w, draws n DDIM samples (every class equally often, the same seed for each w),
+For each w, draws n DDIM samples (every class equally often, the same seed for each w, and
+by default the noise level eta of `sample`),
 and prints the fraction the package classifier calls the asked-for class, the Fréchet
 distance in its features, the smudge fraction, and the real-data floor; then the same
 score for the unconditional model at the same n. The recommended weight is the smallest w
@@ -15,7 +16,7 @@ unconditional model's (else the w of the best accuracy).
 NAME.json (only for a pretrained:NAME checkpoint), which chapter 7 reads. When only the
 unconditional model has changed, --unconditional-only keeps the per-weight rows stored
 there (they depend on --checkpoint alone), re-measures the unconditional score at the same
-n, steps and seed, and re-derives the recommendation:
+n, steps, eta and seed, and re-derives the recommendation:
 
     python benchmarks/guidance.py --unconditional-only --write-provenance
 """
@@ -31,13 +32,14 @@ import time
 import torch
 
 from naivediffusion import quality
+from naivediffusion.__main__ import DEFAULT_ETA
 from naivediffusion.__main__ import draw as draw_batches
 from naivediffusion.train import PRETRAINED_DIR, PRETRAINED_PREFIX, load_model
 
 
 def draw(diffusion, model, info, n, args, labels=None, w=0.0):
-    """n DDIM samples on the CPU, as `sample` draws them, from the seed of args."""
-    settings = argparse.Namespace(sampler="ddim", steps=args.steps, eta=0.0, no_progress=True,
+    """n DDIM samples on the CPU, as `sample` draws them, from the seed and eta of args."""
+    settings = argparse.Namespace(sampler="ddim", steps=args.steps, eta=args.eta, no_progress=True,
                                   batch_size=args.batch_size)
     return draw_batches(diffusion, model, info, n, settings, torch.Generator().manual_seed(args.seed),
                         labels, w)
@@ -50,6 +52,8 @@ def main() -> None:
     parser.add_argument("--weights", default="0,0.5,1,2,3,5,7", help="comma-separated w values")
     parser.add_argument("--n", type=int, default=1000, help="samples per weight (default: 1000)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
+    parser.add_argument("--eta", type=float, default=DEFAULT_ETA,
+                        help=f"DDIM noise of every draw, 0 to 1 (default: {DEFAULT_ETA:g}, as `sample`)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--target-accuracy", type=float, default=0.98)
@@ -59,6 +63,8 @@ def main() -> None:
                         "only the unconditional model (needs --write-provenance)")
     args = parser.parse_args()
     weights = [float(w) for w in args.weights.split(",")]
+    if not 0.0 <= args.eta <= 1.0:
+        parser.error(f"--eta must be from 0 to 1; got {args.eta:g}")
     if args.write_provenance and not args.checkpoint.startswith(PRETRAINED_PREFIX):
         parser.error("--write-provenance needs a pretrained:NAME checkpoint")
     path = PRETRAINED_DIR / f"{args.checkpoint[len(PRETRAINED_PREFIX):]}.json"
@@ -68,7 +74,8 @@ def main() -> None:
         stored = json.loads(path.read_text()).get("guidance_measurement")
         if stored is None:
             parser.error(f"{path.name} holds no guidance measurement yet: run without --unconditional-only")
-        for name in ("n", "steps", "seed"):
+        stored.setdefault("eta", 0.0)  # measurements from before --eta drew deterministically
+        for name in ("n", "steps", "seed", "eta"):
             if stored[name] != getattr(args, name):
                 parser.error(f"the stored rows were measured with --{name} {stored[name]}, not "
                              f"{getattr(args, name)}: pass --{name} {stored[name]}")
@@ -80,7 +87,7 @@ def main() -> None:
     classifier = quality.load_classifier(dataset)
     asked = torch.arange(args.n) % model.num_classes
     print(f"{args.checkpoint} (step {info['step']}), {args.n} samples per weight, DDIM {args.steps} "
-          f"steps, {torch.get_num_threads()} threads")
+          f"steps at eta {args.eta:g}, {torch.get_num_threads()} threads")
     results = {}
     if args.unconditional_only:
         results, floor = stored["results"], stored["fd_real"]
@@ -136,7 +143,7 @@ def main() -> None:
                                            "total_steps": plain_info["total_steps"], **measured})
         else:
             provenance["guidance_measurement"] = {
-                "command": command, "n": args.n, "steps": args.steps, "seed": args.seed,
+                "command": command, "n": args.n, "steps": args.steps, "eta": args.eta, "seed": args.seed,
                 "results": results, "fd_unconditional": fd_unconditional,
                 "unconditional": args.unconditional, "fd_real": floor, **measured,
             }

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from naivediffusion import viz
 from naivediffusion.__main__ import build_parser, main
 
 STEPS = 5
@@ -133,6 +134,62 @@ def test_sample_ddpm_with_the_posterior_variance(run_dir, tmp_path):
         images[variance] = torch.load(saved, weights_only=True)
     assert images["beta"].shape == images["posterior"].shape == (2, 1, 28, 28)
     assert not torch.equal(images["beta"], images["posterior"])
+
+
+def test_sample_draws_with_the_default_eta_unless_told(run_dir, tmp_path, monkeypatch, capsys):
+    """DDIM's noise level: DEFAULT_ETA when --eta is not given, else --eta; ddpm passes 0."""
+    from naivediffusion.__main__ import DEFAULT_ETA
+    from naivediffusion.diffusion import Diffusion
+
+    asked = []
+    real = Diffusion.sample
+
+    def spy(self, model, shape, **kwargs):
+        asked.append((kwargs["sampler"], kwargs["eta"]))
+        return real(self, model, shape, **kwargs)
+
+    monkeypatch.setattr(Diffusion, "sample", spy)
+    common = ["--checkpoint", str(run_dir), "--n", "2", "--out", str(tmp_path / "g.png"), "--no-progress"]
+    assert main(["sample", *common, "--steps", "3"]) == 0
+    assert f"ddim 3 steps, eta {DEFAULT_ETA:g}" in capsys.readouterr().out
+    assert main(["sample", *common, "--steps", "3", "--eta", "0"]) == 0
+    assert main(["sample", *common, "--sampler", "ddpm"]) == 0
+    assert asked == [("ddim", DEFAULT_ETA), ("ddim", 0.0), ("ddpm", 0.0)]
+
+
+def test_the_default_eta_changes_the_samples_of_a_seed(run_dir, tmp_path):
+    """eta 0 draws only x_T; the default adds fresh noise at each step, so other images."""
+    images = {}
+    for eta in ("0", None):
+        saved = tmp_path / f"{eta}.pt"
+        assert main(["sample", "--checkpoint", str(run_dir), "--n", "2", "--steps", "4",
+                     "--out", str(tmp_path / "g.png"), "--save-samples", str(saved), "--no-progress",
+                     *(["--eta", eta] if eta else [])]) == 0
+        images[eta] = torch.load(saved, weights_only=True)
+    assert not torch.equal(images["0"], images[None])
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--eta", "1.5"], ["--eta must be from 0", "got 1.5"]),
+    (["--eta", "-0.1"], ["--eta must be from 0", "got -0.1"]),
+    (["--sampler", "ddpm", "--eta", "1"], ["--eta applies to --sampler ddim", "--variance"]),
+])
+def test_bad_eta(run_dir, tmp_path, capsys, flags, words):
+    out = tmp_path / "g.png"
+    code = main(["sample", "--checkpoint", str(run_dir), "--n", "2", "--out", str(out), "--no-progress",
+                 *flags])
+    assert_one_line_error(capsys, code, *words)
+    code = main(["evaluate", "--checkpoint", str(run_dir), "--metric", "fid", "--n", "2",
+                 "--out", str(tmp_path / "m.json"), "--no-progress", *flags])
+    assert_one_line_error(capsys, code, *words)
+    assert not out.exists() and not (tmp_path / "m.json").exists()
+
+
+def test_eta_with_bits_per_dim(run_dir, tmp_path, capsys):
+    code = main(["evaluate", "--checkpoint", str(run_dir), "--metric", "bpd", "--eta", "1",
+                 "--out", str(tmp_path / "m.json"), "--no-progress"])
+    assert_one_line_error(capsys, code, "--eta applies to --metric fid")
+    assert not (tmp_path / "m.json").exists()
 
 
 def test_init_from_fine_tunes_a_finished_run(run_dir, tmp_path, capsys):
@@ -325,3 +382,51 @@ def test_python_dash_m_entry_point(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0
     assert all(name in done.stdout for name in ("train", "sample", "evaluate"))
+
+
+# ------------------------------------------------------------------ benchmarks/samplers.py
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (the folder is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_sampler_benchmark_scores_the_images_that_sample_draws(run_dir, tmp_path, monkeypatch, capsys):
+    samplers = load_benchmark("samplers")
+    scored = []
+    real = samplers.quality.sample_quality
+
+    def spy(images, *args, **kwargs):
+        scored.append(images)
+        return real(images, *args, **kwargs)
+
+    monkeypatch.setattr(samplers.quality, "sample_quality", spy)
+    assert samplers.main(["--checkpoint", str(run_dir), "--n", "5", "--batch-size", "2",
+                          "--samplers", "ddim:3:1,ddim:3:0,ddpm:posterior"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("DDIM", "DDPM"))]
+    assert [row[:28].strip() for row in rows] == ["DDIM 3, eta 1", "DDIM 3, eta 0", "DDPM 50, sigma^2 = beta~"]
+    assert "lowest score:" in out and len(scored) == 3
+    # The same seed and batch size: the very images `sample` draws with those settings.
+    for images, flags in zip(scored[:2], (["--eta", "1"], ["--eta", "0"]), strict=True):
+        saved = tmp_path / "s.pt"
+        assert main(["sample", "--checkpoint", str(run_dir), "--n", "5", "--steps", "3", "--batch-size", "2",
+                     "--out", str(tmp_path / "g.png"), "--save-samples", str(saved), "--no-progress", *flags]) == 0
+        assert torch.equal(torch.load(saved, weights_only=True), viz.to_uint8(images))
+    assert not torch.equal(scored[0], scored[1])
+
+
+@pytest.mark.parametrize("setting", ["ddim:0:1", "ddim:50:2", "ddim:50", "ddpm:sigma", "heun:50"])
+def test_the_sampler_benchmark_refuses_a_bad_setting(setting, capsys):
+    samplers = load_benchmark("samplers")
+    with pytest.raises(SystemExit) as stop:
+        samplers.main(["--samplers", f"ddim:50:0,{setting}"])
+    assert stop.value.code == 2
+    assert f"unknown sampler setting {setting!r}" in capsys.readouterr().err
