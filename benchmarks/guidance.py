@@ -135,17 +135,20 @@ def main() -> None:
         command = "python benchmarks/guidance.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         measured = {"date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
                     "platform": platform.platform(), "torch": str(torch.__version__)}
+        # Which unconditional model the reference score came from, and how it was measured.
+        reference = {"command": command, "step": plain_info["step"], "total_steps": plain_info["total_steps"],
+                     **measured}
         if args.unconditional_only:
             # The rows keep their own command and date; the reference says where it came from.
             provenance["guidance_measurement"].update(
                 fd_unconditional=fd_unconditional, unconditional=args.unconditional,
-                unconditional_measurement={"command": command, "step": plain_info["step"],
-                                           "total_steps": plain_info["total_steps"], **measured})
+                unconditional_measurement=reference)
         else:
             provenance["guidance_measurement"] = {
                 "command": command, "n": args.n, "steps": args.steps, "eta": args.eta, "seed": args.seed,
                 "results": results, "fd_unconditional": fd_unconditional,
                 "unconditional": args.unconditional, "fd_real": floor, **measured,
+                "unconditional_measurement": reference,
             }
         path.write_text(json.dumps(provenance, indent=2) + "\n")
         print(f"-> {path}")
