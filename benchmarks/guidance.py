@@ -32,7 +32,7 @@ import time
 import torch
 
 from naivediffusion import quality
-from naivediffusion.__main__ import DEFAULT_ETA
+from naivediffusion.__main__ import DEFAULT_ETA, resolve_eta
 from naivediffusion.__main__ import draw as draw_batches
 from naivediffusion.train import PRETRAINED_DIR, PRETRAINED_PREFIX, load_model
 
@@ -63,8 +63,10 @@ def main() -> None:
                         "only the unconditional model (needs --write-provenance)")
     args = parser.parse_args()
     weights = [float(w) for w in args.weights.split(",")]
-    if not 0.0 <= args.eta <= 1.0:
-        parser.error(f"--eta must be from 0 to 1; got {args.eta:g}")
+    try:
+        resolve_eta(argparse.Namespace(sampler="ddim", eta=args.eta))  # the command line's check
+    except ValueError as err:
+        parser.error(str(err))
     if args.write_provenance and not args.checkpoint.startswith(PRETRAINED_PREFIX):
         parser.error("--write-provenance needs a pretrained:NAME checkpoint")
     path = PRETRAINED_DIR / f"{args.checkpoint[len(PRETRAINED_PREFIX):]}.json"

@@ -343,13 +343,20 @@ def draw(diffusion, model, info, n: int, args, generator, labels: torch.Tensor |
 
 
 # DDIM's noise level when --eta is not given. The deterministic eta = 0 is DDIM's own default
-# and the one the book's chapters teach with; on the shipped MNIST model, fresh noise at every
-# step (eta = 1, the posterior variance of each jump) halves the sample-quality score at 50
-# steps (benchmarks/samplers.py, README), so `sample` and `evaluate` draw with it.
+# and the one the book's chapters teach with; on the shipped MNIST models, fresh noise at every
+# step (eta = 1, the posterior variance of each jump) gave the lower sample-quality score at 50
+# steps in every draw measured (benchmarks/samplers.py, README), so `sample` and `evaluate`
+# draw with it.
 DEFAULT_ETA = 1.0
 _ETA_HELP = (f"DDIM noise, from 0 (deterministic) to 1 (fresh noise at every step, the posterior "
              f"variance of each jump; all T steps at eta 1 are DDPM with sigma^2 = beta-tilde) "
              f"(default: {DEFAULT_ETA:g}, measured best for the shipped models)")
+
+
+def sampler_words(args, diffusion) -> str:
+    """How `sample` and `evaluate` drew: "ddim 50 steps, eta 1" or "ddpm 1000 steps, sigma^2 = beta"."""
+    noise = f"eta {args.eta:g}" if args.sampler == "ddim" else f"sigma^2 = {diffusion.variance}"
+    return f"{args.sampler} {args.steps or diffusion.num_timesteps} steps, {noise}"
 
 
 def resolve_eta(args) -> float:
@@ -407,9 +414,8 @@ def run_sample(args) -> int:
     nrow = args.nrow or (args.n if classes else math.ceil(math.sqrt(args.n)))
     out = viz.save_grid(images, args.out, nrow=nrow)
     what = "" if classes is None else f" of class{'es' if len(classes) > 1 else ''} {','.join(map(str, classes))} (guidance w={guidance:g})"
-    how = f", eta {args.eta:g}" if args.sampler == "ddim" else f", sigma^2 = {diffusion.variance}"
-    print(f"{len(images)} samples{what} from {info['path']} (step {info['step']}), {args.sampler} "
-          f"{args.steps or diffusion.num_timesteps} steps{how}, {seconds:.1f} s -> {out}")
+    print(f"{len(images)} samples{what} from {info['path']} (step {info['step']}), "
+          f"{sampler_words(args, diffusion)}, {seconds:.1f} s -> {out}")
     if args.save_samples:
         path = Path(args.save_samples)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -594,9 +600,7 @@ def run_evaluate(args) -> int:
             classifier={k: classifier.metadata.get(k) for k in ("path", "test_accuracy", "command")},
         )
         summary = (f"Fréchet distance (classifier features) {scores['fd']:.3f} for {args.n} samples "
-                   f"({args.sampler}, {result['steps']} steps"
-                   + (f", eta {args.eta:g}" if args.sampler == "ddim" else f", sigma^2 = {diffusion.variance}")
-                   + f") vs {scores['n_reference']} {dataset} "
+                   f"({sampler_words(args, diffusion)}) vs {scores['n_reference']} {dataset} "
                    f"test images; real-data floor ({args.n} training images) {scores['fd_real']:.3f}; "
                    f"smudges (top class probability < 0.5) {scores['smudges']:.1%}; noisy (rougher "
                    f"than 99.9% of test digits) {scores['noisy']:.1%}; samples per class "
