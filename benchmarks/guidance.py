@@ -23,7 +23,6 @@ n, steps, eta and seed, and re-derives the recommendation:
 
 import argparse
 import datetime
-import json
 import platform
 import shlex
 import sys
@@ -34,7 +33,12 @@ import torch
 from naivediffusion import quality
 from naivediffusion.__main__ import DEFAULT_ETA, resolve_eta
 from naivediffusion.__main__ import draw as draw_batches
-from naivediffusion.train import PRETRAINED_DIR, PRETRAINED_PREFIX, load_model
+from naivediffusion.train import (
+    PRETRAINED_PREFIX,
+    load_model,
+    pretrained_record,
+    update_pretrained_record,
+)
 
 
 def draw(diffusion, model, info, n, args, labels=None, w=0.0):
@@ -69,18 +73,18 @@ def main() -> None:
         parser.error(str(err))
     if args.write_provenance and not args.checkpoint.startswith(PRETRAINED_PREFIX):
         parser.error("--write-provenance needs a pretrained:NAME checkpoint")
-    path = PRETRAINED_DIR / f"{args.checkpoint[len(PRETRAINED_PREFIX):]}.json"
+    name = args.checkpoint[len(PRETRAINED_PREFIX):]
     if args.unconditional_only:
         if not args.write_provenance:
             parser.error("--unconditional-only updates the stored measurement: add --write-provenance")
-        stored = json.loads(path.read_text()).get("guidance_measurement")
+        stored = pretrained_record(name).get("guidance_measurement")
         if stored is None:
-            parser.error(f"{path.name} holds no guidance measurement yet: run without --unconditional-only")
+            parser.error(f"{name}.json holds no guidance measurement yet: run without --unconditional-only")
         stored.setdefault("eta", 0.0)  # measurements from before --eta drew deterministically
-        for name in ("n", "steps", "seed", "eta"):
-            if stored[name] != getattr(args, name):
-                parser.error(f"the stored rows were measured with --{name} {stored[name]}, not "
-                             f"{getattr(args, name)}: pass --{name} {stored[name]}")
+        for flag in ("n", "steps", "seed", "eta"):
+            if stored[flag] != getattr(args, flag):
+                parser.error(f"the stored rows were measured with --{flag} {stored[flag]}, not "
+                             f"{getattr(args, flag)}: pass --{flag} {stored[flag]}")
 
     model, diffusion, info = load_model(args.checkpoint)
     if model.num_classes is None:
@@ -132,8 +136,7 @@ def main() -> None:
     print(f"recommended: w = {recommended:g} ({rule})")
 
     if args.write_provenance:
-        provenance = json.loads(path.read_text())
-        provenance["recommended_guidance"] = {"w": recommended, "rule": rule}
+        recommended_guidance = {"w": recommended, "rule": rule}
         command = "python benchmarks/guidance.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         measured = {"date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
                     "platform": platform.platform(), "torch": str(torch.__version__)}
@@ -142,17 +145,17 @@ def main() -> None:
                      **measured}
         if args.unconditional_only:
             # The rows keep their own command and date; the reference says where it came from.
-            provenance["guidance_measurement"].update(
-                fd_unconditional=fd_unconditional, unconditional=args.unconditional,
-                unconditional_measurement=reference)
+            measurement = {**stored, "fd_unconditional": fd_unconditional,
+                           "unconditional": args.unconditional, "unconditional_measurement": reference}
         else:
-            provenance["guidance_measurement"] = {
+            measurement = {
                 "command": command, "n": args.n, "steps": args.steps, "eta": args.eta, "seed": args.seed,
                 "results": results, "fd_unconditional": fd_unconditional,
                 "unconditional": args.unconditional, "fd_real": floor, **measured,
                 "unconditional_measurement": reference,
             }
-        path.write_text(json.dumps(provenance, indent=2) + "\n")
+        path = update_pretrained_record(name, recommended_guidance=recommended_guidance,
+                                        guidance_measurement=measurement)
         print(f"-> {path}")
 
 

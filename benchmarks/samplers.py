@@ -20,7 +20,6 @@ default, chosen from what this script measured (README).
 
 import argparse
 import datetime
-import json
 import platform
 import shlex
 import sys
@@ -31,7 +30,7 @@ import torch
 from naivediffusion import quality
 from naivediffusion.__main__ import draw
 from naivediffusion.diffusion import Diffusion
-from naivediffusion.train import PRETRAINED_DIR, PRETRAINED_PREFIX, load_model
+from naivediffusion.train import PRETRAINED_PREFIX, load_model, update_pretrained_record
 
 
 def parse_setting(text: str) -> dict:
@@ -114,16 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     best = min(rows, key=lambda r: r["fd"])
     print(f"lowest score: {best['name']} ({best['fd']:.2f}, {best['fd'] / best['fd_real']:.1f}x the floor)")
     if args.write_provenance:
-        path = PRETRAINED_DIR / f"{args.checkpoint[len(PRETRAINED_PREFIX):]}.json"
-        provenance = json.loads(path.read_text())
-        provenance["sampler_measurement"] = {
+        path = update_pretrained_record(args.checkpoint[len(PRETRAINED_PREFIX):], sampler_measurement={
             "command": "python benchmarks/samplers.py " + " ".join(shlex.quote(a) for a in argv_used),
             "total_steps": info["total_steps"], "n": args.n, "seed": args.seed,
             "batch_size": args.batch_size, "date": datetime.date.today().isoformat(),
             "threads": torch.get_num_threads(), "device": args.device, "platform": platform.platform(),
             "torch": str(torch.__version__), "rows": rows,
-        }
-        path.write_text(json.dumps(provenance, indent=2) + "\n")
+        })
         print(f"-> {path}")
     return 0
 

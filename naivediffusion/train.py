@@ -1340,3 +1340,20 @@ def pretrained(name: str = "mnist") -> Path:
         raise FileNotFoundError(f"no pretrained model {name!r}; the package ships: "
                                 f"{', '.join(PRETRAINED_PREFIX + n for n in pretrained_names()) or 'none'}")
     return path
+
+
+def pretrained_record(name: str = "mnist") -> dict:
+    """The record of a shipped model (NAME.json beside NAME.pt): how it was trained, and the
+    measurements that benchmarks/ wrote there and the chapters read."""
+    return json.loads(pretrained(name).with_suffix(".json").read_text())
+
+
+def update_pretrained_record(name: str, **fields) -> Path:
+    """Set top-level fields of a shipped model's record (a benchmark's --write-provenance),
+    keeping the rest; written to a temporary file and swapped in, like `save_atomic`."""
+    path = pretrained(name).with_suffix(".json")
+    record = {**json.loads(path.read_text()), **fields}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

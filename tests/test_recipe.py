@@ -22,6 +22,8 @@ from naivediffusion.train import (
     load_model,
     pretrained,
     pretrained_names,
+    pretrained_record,
+    update_pretrained_record,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -242,6 +244,20 @@ def test_help_lists_the_shipped_models(capsys):
             main([command, "--help"])
         assert "pretrained:mnist" in capsys.readouterr().out
 
+
+
+def test_a_benchmark_records_a_measurement_beside_a_shipped_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "PRETRAINED_DIR", tmp_path)
+    (tmp_path / "toy.pt").write_bytes(b"weights")
+    (tmp_path / "toy.json").write_text(json.dumps({"step": 7, "note": "kept"}))
+    assert pretrained_record("toy") == {"step": 7, "note": "kept"}
+    path = update_pretrained_record("toy", sampler_measurement={"rows": [1, 2]}, step=8)
+    assert path == tmp_path / "toy.json"
+    assert pretrained_record("toy") == {"step": 8, "note": "kept", "sampler_measurement": {"rows": [1, 2]}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy.json", "toy.pt"]  # no temporary left
+    with pytest.raises(FileNotFoundError, match="the package ships: pretrained:toy"):
+        update_pretrained_record("yot", step=9)
+    assert json.loads(path.read_text())["step"] == 8
 
 
 # ------------------------------------------------------------------ smudges and noise
