@@ -517,8 +517,8 @@ def end_distributed() -> None:
 # ----------------------------------------------------------------- checkpoints
 
 
-def save_atomic(obj, path: str | os.PathLike) -> Path:
-    """torch.save `obj` to `path` so that `path` always holds a complete file.
+def write_atomic(path: str | os.PathLike, write) -> Path:
+    """Call `write(f)` on a binary file so that `path` always holds a complete file.
 
     The bytes go to a temporary file in the same folder, are forced to disk, and then
     `os.replace` swaps it in, which is atomic: a crash or a kill at any moment leaves
@@ -529,7 +529,7 @@ def save_atomic(obj, path: str | os.PathLike) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -537,6 +537,11 @@ def save_atomic(obj, path: str | os.PathLike) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def save_atomic(obj, path: str | os.PathLike) -> Path:
+    """torch.save `obj` to `path` atomically (see `write_atomic`)."""
+    return write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def _describe_file(path: Path) -> str:
@@ -1350,10 +1355,7 @@ def pretrained_record(name: str = "mnist") -> dict:
 
 def update_pretrained_record(name: str, **fields) -> Path:
     """Set top-level fields of a shipped model's record (a benchmark's --write-provenance),
-    keeping the rest; written to a temporary file and swapped in, like `save_atomic`."""
+    keeping the rest; written atomically, as the checkpoints are (`write_atomic`)."""
     path = pretrained(name).with_suffix(".json")
     record = {**json.loads(path.read_text()), **fields}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
