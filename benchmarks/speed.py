@@ -45,6 +45,7 @@ from naivediffusion.train import (
     COMPILE_MODES,
     TrainConfig,
     Trainer,
+    adamw,
     ema_update_fn,
     resolve_precision,
 )
@@ -154,11 +155,10 @@ def ours(args, device, precision, mode: str, data_on_device: bool, run_dir: str,
 def theirs(args, device, precision, mode: str, reference: UNet, memory_format) -> Contestant:
     """diffusers' network inside the same step as ours, in the same memory format."""
     model = diffusers_twin(reference).to(device, memory_format=memory_format)
-    cuda = device.type == "cuda"
     network = model if mode == "none" else torch.compile(model, mode=mode)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     diffusion = Diffusion(1000, "linear", "eps")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, fused=cuda or None)
+    optimizer = adamw(model.parameters(), 2e-4, 0.0, device)  # the Trainer's optimizer
     ema = AveragedModel(model, multi_avg_fn=ema_update_fn(0.9999), use_buffers=True)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     shape = (args.batch_size, reference.config["in_channels"], reference.config["image_size"],

@@ -319,6 +319,26 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 # ------------------------------------------------------- the pieces of a step
 
 
+# Devices with a fused AdamW kernel: CUDA, and the CPU since torch 2.4 (this package's oldest).
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+
+
+def adamw(parameters, lr: float, weight_decay: float, device: torch.device | str) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel over all parameters where the device has one.
+
+    The arithmetic is Adam's; only how it is run changes. On CUDA the step is otherwise bound by
+    launching several kernels per parameter tensor; on the CPU the default runs a Python loop
+    over them. Measured on this project's 2-core CPU (2026-12-06, fp32, 2 threads): one
+    optimizer step of `mnist-small` 8.0 -> 1.4 ms, of `ddpm-cifar10` 105 -> 26 ms (the for-loop
+    default, then fused; `foreach=True` lay in between for the first and was slower for the
+    second). Of a whole training step that is little, as the convolutions dominate: the median
+    `mnist-small` step at batch 64 went from 255 to 252 ms, and `ddpm-cifar10`'s at batch 16
+    (about 2.5 s) moved less than its rounds varied.
+    """
+    fused = torch.device(device).type in FUSED_ADAMW_DEVICES or None
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused)
+
+
 def ema_update_fn(decay: float, warmup: bool = True):
     """The averaging rule for `torch.optim.swa_utils.AveragedModel`:
     ema <- d * ema + (1 - d) * weights, with d = min(decay, (1 + n) / (10 + n)) after n updates.
@@ -771,10 +791,7 @@ class Trainer:
             raise ValueError(f"the dataset has {len(self.dataset)} images, fewer than one batch of "
                              f"{config.batch_size}; use a smaller --batch-size")
 
-        # On CUDA the fused AdamW updates every parameter in one kernel instead of several per
-        # parameter tensor: fewer launches for a step that is bound by launching them.
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
-                                           weight_decay=config.weight_decay, fused=cuda or None)
+        self.optimizer = adamw(self.model.parameters(), config.lr, config.weight_decay, self.device)
         # The step the run ends at: config.steps, or for a run bounded by max_minutes the step
         # that the measured speed reaches in that time (None until it has been measured).
         self.planned_steps: int | None = None if config.max_minutes else config.steps

@@ -22,6 +22,7 @@ from naivediffusion.train import (
     TrainConfig,
     Trainer,
     TrainingDivergedError,
+    adamw,
     ema_update_fn,
     linear_warmup,
     load_checkpoint,
@@ -521,3 +522,27 @@ def test_export_chains_the_record_of_a_run_that_started_from_a_shipped_model(tmp
     assert all((out / name).is_file() for name in record["grids"])
     assert torch.equal(load_checkpoint(out / "m.pt")["ema"]["conv_in.weight"],
                        load_checkpoint(second / "ema.pt")["ema"]["conv_in.weight"])
+
+
+def test_the_fused_adamw_takes_the_steps_of_the_plain_one(tmp_path):
+    """`adamw` only changes how Adam's arithmetic runs: fused on the CPU (as on CUDA), with
+    the same weights after a few steps as the for-loop AdamW, to float rounding."""
+    trainer = Trainer(tiny_config(tmp_path / "run", steps=1))
+    assert trainer.optimizer.defaults["fused"] is True  # the Trainer uses it on the CPU
+    torch.manual_seed(0)
+    fused_net = UNet.from_preset("mnist-small", base_channels=8)
+    plain_net = UNet.from_preset("mnist-small", base_channels=8)
+    plain_net.load_state_dict(fused_net.state_dict())
+    initial = [p.detach().clone() for p in fused_net.parameters()]
+    fused = adamw(fused_net.parameters(), 1e-2, 0.01, "cpu")
+    plain = torch.optim.AdamW(plain_net.parameters(), lr=1e-2, weight_decay=0.01, foreach=False)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in fused_net.parameters()]
+        for net, optimizer in ((fused_net, fused), (plain_net, plain)):
+            for p, g in zip(net.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+    pairs = zip(fused_net.named_parameters(), plain_net.parameters(), initial, strict=True)
+    for (name, a), b, start in pairs:
+        assert not torch.equal(a, start), name  # every tensor moved ...
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name  # ... and both alike
