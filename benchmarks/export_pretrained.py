@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from naivediffusion.train import PRETRAINED_DIR, load_checkpoint
+from naivediffusion.train import PRETRAINED_DIR, load_checkpoint, write_atomic, write_text_atomic
 
 
 def fail(message: str) -> None:
@@ -115,8 +115,11 @@ def main() -> None:
         grid_bytes[f"step_{steps_before + int(path.stem.removeprefix('step_')):06d}.png"] = path.read_bytes()
 
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run_dir / "ema.pt", out / f"{args.name}.pt")
-    (out / f"{args.name}_log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    # Each file is swapped in whole (train.write_atomic): an export that dies midway leaves the
+    # shipped files as they were or replaced, never a half-written model or record.
+    weights = (run_dir / "ema.pt").read_bytes()
+    write_atomic(out / f"{args.name}.pt", lambda f: f.write(weights))
+    write_text_atomic(out / f"{args.name}_log.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
     grid_dir = out / f"{args.name}_grids"
     shutil.rmtree(grid_dir, ignore_errors=True)
     grid_dir.mkdir()
@@ -142,7 +145,7 @@ def main() -> None:
                "all runs" if chained else "the run's log.jsonl"),
         "grids": [f"{args.name}_grids/{name}" for name in sorted(grid_bytes)],
     }
-    (out / f"{args.name}.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    write_text_atomic(out / f"{args.name}.json", json.dumps(provenance, indent=2) + "\n")
     print(f"{run_dir} (step {ema['step']}, {checkpoint['elapsed']:.0f} s of training"
           + (f"; {provenance['step']} steps and {provenance['train_seconds']:.0f} s over {len(runs)} runs"
              if chained else "") + f") -> {out / args.name}.pt, .json, _log.jsonl and {len(grid_bytes)} grids")

@@ -52,6 +52,7 @@ from .train import (
     end_distributed,
     load_model,
     pretrained_names,
+    write_text_atomic,
 )
 
 EXIT_USAGE = 2
@@ -610,9 +611,7 @@ def run_evaluate(args) -> int:
                         "asked for")
 
     result["seconds"] = round(time.perf_counter() - start, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
     print(f"{summary}; {result['seconds']:.0f} s -> {out}")
     return 0
 
