@@ -2,9 +2,15 @@
 # Everything that needs a GPU, in one run of at most 9 minutes, on a machine that has only a
 # copy of this repository and reaches no package registry.
 #
-#     bash benchmarks/fetch_gpu_wheels.sh .whl                 # beforehand, where pip works
-#     bash benchmarks/gpu_runbook.sh --wheels .whl [OUT_DIR]   # on the GPU machine
-#     bash benchmarks/gpu_runbook.sh --dry-run [OUT_DIR]       # anywhere: every step at toy size, on the CPU
+#     bash benchmarks/fetch_gpu_wheels.sh .whl      # beforehand, where pip works
+#     bash benchmarks/pack_gpu_data.sh .gpu_data    # beforehand, where the MNIST files are
+#     bash benchmarks/gpu_runbook.sh --wheels .whl --data .gpu_data [OUT_DIR]   # on the GPU machine
+#     bash benchmarks/gpu_runbook.sh --dry-run [OUT_DIR]   # anywhere: every step at toy size, on the CPU
+#
+# --data DIR holds MNIST/raw in torchvision's layout, its files gzipped or not; they are
+# unpacked into a scratch folder that becomes the package's data root. Without it the data root
+# is NAIVEDIFFUSION_DATA, else ../shared/data. Either way the run stops before its first step,
+# with exit code 2, when MNIST is not there.
 #
 # OUT_DIR defaults to $OUT when that is set, else runbook_out/. The run writes at most 8 files
 # there:
@@ -18,6 +24,8 @@
 #                       diffusers' UNet2DModel, MFU and peak memory
 #   pretrained.tar      the shipped MNIST model trained at the GPU defaults (10,000 steps of the
 #                       mnist preset), exported by benchmarks/export_pretrained.py
+#   targets.json        benchmarks/targets.py: that model and the shipped one (pretrained:mnist)
+#                       against the shipped model's targets (smudges, score over 5 draws, bits/dim)
 #   nbval.txt           chapters 4-6 executed through nbval with the gpu budget
 #
 # The steps run in that order, each under a time limit and under what is left of the whole
@@ -30,14 +38,17 @@ repo=$(pwd)
 
 dry_run=0
 wheels=""
+data=""
 out=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry_run=1 ;;
     --wheels) wheels="$2"; shift ;;
     --wheels=*) wheels="${1#--wheels=}" ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
-    -*) echo "gpu_runbook.sh: unknown option $1; use --dry-run, --wheels DIR or an output folder" >&2; exit 2 ;;
+    --data) data="$2"; shift ;;
+    --data=*) data="${1#--data=}" ;;
+    -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
+    -*) echo "gpu_runbook.sh: unknown option $1; use --dry-run, --wheels DIR, --data DIR or an output folder" >&2; exit 2 ;;
     *) out="$1" ;;
   esac
   shift
@@ -109,6 +120,32 @@ if [ -n "$wheels" ]; then
 fi
 "$python" -m pip list 2>/dev/null | grep -i -E "^(torch|torchvision|diffusers|nbval|ipykernel|ipywidgets) " >> "$out/env.txt"
 
+# MNIST, which every step after the speed tables reads: unpacked from --data, or already in the
+# data root. Checked before the first step, so that a missing file costs no GPU time.
+mnist_files="train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte"
+if [ -n "$data" ]; then
+  if [ ! -d "$data/MNIST/raw" ]; then
+    echo "gpu_runbook.sh: no folder $data/MNIST/raw; make it with benchmarks/pack_gpu_data.sh $data" | tee -a "$log"
+    exit 2
+  fi
+  mkdir -p "$scratch/data/MNIST/raw"
+  for name in $mnist_files; do
+    if [ -f "$data/MNIST/raw/$name.gz" ]; then
+      gzip -dc "$data/MNIST/raw/$name.gz" > "$scratch/data/MNIST/raw/$name"
+    elif [ -f "$data/MNIST/raw/$name" ]; then
+      cp "$data/MNIST/raw/$name" "$scratch/data/MNIST/raw/$name"
+    fi
+  done
+  export NAIVEDIFFUSION_DATA="$scratch/data"
+fi
+for name in $mnist_files; do
+  if [ ! -s "$NAIVEDIFFUSION_DATA/MNIST/raw/$name" ]; then
+    echo "gpu_runbook.sh: no MNIST file $name in ${data:-$NAIVEDIFFUSION_DATA}; pass --data DIR made by benchmarks/pack_gpu_data.sh" | tee -a "$log"
+    exit 2
+  fi
+done
+echo "MNIST from ${data:-$NAIVEDIFFUSION_DATA}" >> "$out/env.txt"
+
 # 2. Speed: the mnist preset (steps/s at batch 128, bf16 against fp32, the sampler).
 step "speed mnist bf16" 110 "$python" benchmarks/speed.py $toy --device $device --model mnist --batch-size 128 \
   --precision bf16 --compile none,reduce-overhead --data-on-host --contiguous --no-diffusers --sampling 1000 --json "$out/speed_mnist.json"
@@ -138,6 +175,9 @@ if [ -f "$run_dir/ema.pt" ]; then
     --hardware "$gpu, torch $("$python" -c 'import torch; print(torch.__version__)')" \
     --note "trained by benchmarks/gpu_runbook.sh$([ "$dry_run" = 1 ] && echo ' --dry-run (toy size, not a model to ship)')"
   tar -C "$scratch/pretrained" -cf "$out/pretrained.tar" .
+  # Is it better than the model that ships now? Both, measured the same way in the same run.
+  step targets 120 "$python" benchmarks/targets.py $toy --device $device --checkpoint "$run_dir/ema.pt" \
+    --checkpoint pretrained:mnist --json "$out/targets.json"
 fi
 
 # 5. Chapters 4-6 with the gpu budget, through nbval (the ci budget in a dry run).

@@ -430,3 +430,35 @@ def test_the_sampler_benchmark_refuses_a_bad_setting(setting, capsys):
         samplers.main(["--samplers", f"ddim:50:0,{setting}"])
     assert stop.value.code == 2
     assert f"unknown sampler setting {setting!r}" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ benchmarks/targets.py
+
+
+def test_the_targets_benchmark_reports_what_evaluate_measures(run_dir, tmp_path, capsys):
+    targets = load_benchmark("targets")
+    report = tmp_path / "targets.json"
+    assert targets.main(["--checkpoint", str(run_dir), "--n", "6", "--seeds", "0,1", "--bpd-images", "4",
+                         "--bpd-timesteps", "3", "--batch-size", "4", "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(report.read_text())["results"][0]
+    # The second draw is exactly `evaluate --metric fid --seed 1`, run on its own.
+    assert main(["evaluate", "--checkpoint", str(run_dir), "--metric", "fid", "--n", "6", "--seed", "1",
+                 "--batch-size", "4", "--out", str(tmp_path / "m.json"), "--no-progress"]) == 0
+    alone = json.loads((tmp_path / "m.json").read_text())
+    assert result["draws"][1]["fd"] == alone["fd"] and result["draws"][1]["smudges"] == alone["smudges"]
+    assert set(result["bpd"]) == {"beta", "posterior"}
+    assert "seed 1: score" in out and out.count(" met") + out.count("NOT met") >= 3
+
+
+def test_the_targets_verdict():
+    targets = load_benchmark("targets")
+    draw = lambda fd, floor, smudges: {"fd": fd, "fd_real": floor, "smudges": smudges}
+    result = {"draws": [draw(3.0, 2.0, 0.01), draw(5.0, 2.0, 0.02)],
+              "bpd": {"beta": {"bpd": 1.9}, "posterior": {"bpd": 1.59}}}
+    verdict = list(targets.verdict(result, 1000).values())
+    assert verdict == [("1.5%", True), ("in 1 of 2 draws", False), ("1.590", True)]
+    result["draws"][1] = draw(4.0, 2.0, 0.04)  # exactly 2x counts as within; 2.5% pooled does not pass
+    result["bpd"]["posterior"]["bpd"] = 1.61
+    verdict = list(targets.verdict(result, 1000).values())
+    assert verdict == [("2.5%", False), ("in 2 of 2 draws", True), ("1.610", False)]
