@@ -115,7 +115,13 @@ if [ -n "$wheels" ]; then
     # Here the packages are installed already; check that pip reads the folder and resolves.
     step "wheels (resolve only)" 60 "$python" -m pip install --no-index --find-links "$wheels" --dry-run nbval ipykernel ipywidgets diffusers
   else
-    step wheels 90 "$python" -m pip install --no-index --find-links "$wheels" nbval ipykernel ipywidgets diffusers
+    # Into a folder of their own, put first on the path, as the GPU machine's notes prescribe: its
+    # Python's own environment may not be writable. --no-deps, because the folder holds every
+    # wheel the packages need that the machine lacks (fetch_gpu_wheels.sh resolved them).
+    step wheels 90 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$scratch/site" "$wheels"/*.whl
+    export PYTHONPATH="$scratch/site:$PYTHONPATH"
+    step "wheels import" 60 "$python" -c "import nbval, ipykernel, ipywidgets, diffusers; print('imported from', diffusers.__file__)"
   fi
 fi
 "$python" -m pip list 2>/dev/null | grep -i -E "^(torch|torchvision|diffusers|nbval|ipykernel|ipywidgets) " >> "$out/env.txt"
