@@ -1289,6 +1289,10 @@ class Trainer:
         self.model.load_state_dict(checkpoint["model"])
         self.ema.load_state_dict(checkpoint["ema"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
+        # The saved settings say how Adam ran where the checkpoint was written (fused there or
+        # not); how it runs here is this device's choice (`adamw`). The state is the run's.
+        for group in self.optimizer.param_groups:
+            group["fused"], group["foreach"] = self.optimizer.defaults["fused"], self.optimizer.defaults["foreach"]
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         if self.scaler.is_enabled() and checkpoint["scaler"]:
             self.scaler.load_state_dict(checkpoint["scaler"])

@@ -290,6 +290,18 @@ def test_resume_gives_identical_weights(tmp_path):
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
 
 
+def test_resume_runs_adam_as_this_device_does(trained_run, tmp_path):
+    """A checkpoint written where AdamW was not fused (another device, an older version)
+    resumes with this device's fused AdamW, and its optimizer state."""
+    checkpoint = load_checkpoint(trained_run / "checkpoint.pt")
+    for group in checkpoint["optimizer"]["param_groups"]:
+        group["fused"], group["foreach"] = None, False
+    trainer = Trainer(tiny_config(tmp_path / "run"))
+    trainer.load_state_dict(checkpoint)
+    assert all(g["fused"] is True for g in trainer.optimizer.param_groups)
+    assert_same_state(trainer.optimizer.state_dict()["state"], checkpoint["optimizer"]["state"])
+
+
 def test_bf16_autocast_trains_float32_weights(tmp_path):
     trainer = Trainer(tiny_config(tmp_path / "bf16", steps=1, precision="bf16"))
     result = trainer.train(progress=False)
