@@ -64,7 +64,7 @@ def measure(checkpoint: str, args, scratch: Path) -> dict:
         result["draws"].append(run)
         print(f"  seed {seed}: score {run['fd']:.2f}, floor {run['fd_real']:.2f} ({run['fd'] / run['fd_real']:.1f}x), "
               f"smudges {run['smudges']:.1%}, samples per class {run['class_counts']}", flush=True)
-    result["step"] = result["draws"][0]["total_steps"] if result["draws"] else None
+    result["step"] = result["draws"][0]["total_steps"]  # --seeds is never empty
     return result
 
 
