@@ -16,7 +16,8 @@ def test_budget_comes_from_the_environment(monkeypatch):
     # Budgets grow: ci < cpu < gpu in training steps and evaluation images.
     ci, cpu, gpu = (budget.BUDGETS[n] for n in ("ci", "cpu", "gpu"))
     assert ci.train_steps < cpu.train_steps < gpu.train_steps
-    assert ci.eval_images < cpu.eval_images < gpu.eval_images
+    assert ci.fd_images < cpu.fd_images < gpu.fd_images
+    assert ci.bpd_images < cpu.bpd_images < gpu.bpd_images
 
 
 @pytest.mark.parametrize("cuda, expected", [(True, "gpu"), (False, "cpu")])
