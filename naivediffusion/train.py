@@ -448,9 +448,33 @@ class Trainer:
         self.memory_format = torch.channels_last if nhwc else torch.contiguous_format
         torch.manual_seed(config.seed)  # the initial weights, and dropout from here on
 
-        # The network: a preset, sized to the data. The preset's image_size stays the
-        # reference for its attention resolutions; the size the data has is checked here,
-        # before any data is read.
+        self._build_model(fine_tune=checkpoint is None)
+        self.diffusion = Diffusion(config.timesteps, config.schedule, config.objective, config.variance)
+        self._build_data(data)
+        self._build_optimizer()
+        # The group on which processes agree on host numbers once per step (see `agree_on_stop`).
+        self._host_group = host_group(self.dist)
+        # t and eps of the loss come from their own generator, dropout from the global one.
+        self.noise_generator = torch.Generator(device=self.device)
+        self.noise_generator.manual_seed(derive_seed(config.seed, "noise"))
+
+        self.step = 0
+        self.epoch, self.position = 0, 0  # where the next batch comes from
+        self.elapsed = 0.0  # seconds spent in training steps, over all sessions of the run
+        self.last_checkpoint: tuple[Path, int] | None = None
+        self._interval = None  # the steps since the last log line, while train() runs
+        if checkpoint is not None:
+            self.load_state_dict(checkpoint)
+
+    def _build_model(self, fine_tune: bool) -> None:
+        """The network (self.model), its EMA (self.ema) and what train_step calls (self.network).
+
+        The network is a preset, sized to the data. The preset's image_size stays the
+        reference for its attention resolutions; the size the data has is checked here,
+        before any data is read. With `fine_tune` (a new run, not a resumed one) and
+        config.init_from, it starts from that checkpoint's EMA weights.
+        """
+        config = self.config
         channels, size, num_classes = dataset_info(config.dataset, config.image_size)
         self.image_shape = (channels, size, size)
         overrides = dict(in_channels=channels, **config.model_overrides)
@@ -464,7 +488,7 @@ class Trainer:
         # What the weights started from: None for random ones, else {"path", "step",
         # "total_steps"} of config.init_from (kept in the checkpoints, so a resumed run knows).
         self.init = None
-        if config.init_from is not None and checkpoint is None:
+        if config.init_from is not None and fine_tune:
             self.init = self._start_from(config.init_from)
         self.model.to(self.device, memory_format=self.memory_format)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_update_fn(config.ema_decay, config.ema_warmup),
@@ -476,7 +500,11 @@ class Trainer:
         network = self._wrap_for_processes(self.model)
         self.network = network if config.compile == "none" else torch.compile(network, mode=config.compile)
 
-        self.diffusion = Diffusion(config.timesteps, config.schedule, config.objective, config.variance)
+    def _build_data(self, data: Dataset | None) -> None:
+        """The training images (self.dataset): config.dataset's, or `data` when given (checked
+        against the shape the model was built for); an `InMemoryImages` moves to the device."""
+        config = self.config
+        size = self.image_shape[-1]
         if data is None:
             native = not config.dataset.startswith(FOLDER_PREFIX) and config.image_size in (None, size)
             data = load_dataset(config.dataset, root=config.data_root, train=True,
@@ -492,6 +520,10 @@ class Trainer:
             raise ValueError(f"the dataset has {len(self.dataset)} images, fewer than one batch of "
                              f"{config.batch_size}; use a smaller --batch-size")
 
+    def _build_optimizer(self) -> None:
+        """AdamW (self.optimizer), its learning-rate schedule (self.scheduler) and, for fp16,
+        the gradient scaler (self.scaler)."""
+        config = self.config
         self.optimizer = adamw(self.model.parameters(), config.lr, config.weight_decay, self.device)
         # The step the run ends at: config.steps, or for a run bounded by max_minutes the step
         # that the measured speed reaches in that time (None until it has been measured).
@@ -502,19 +534,6 @@ class Trainer:
         # fp16 has a narrow range: small gradients underflow to 0 unless the loss is scaled
         # up first (and the gradients scaled back down before the step). bf16 does not need it.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
-        # The group on which processes agree on host numbers once per step (see `agree_on_stop`).
-        self._host_group = host_group(self.dist)
-        # t and eps of the loss come from their own generator, dropout from the global one.
-        self.noise_generator = torch.Generator(device=self.device)
-        self.noise_generator.manual_seed(derive_seed(config.seed, "noise"))
-
-        self.step = 0
-        self.epoch, self.position = 0, 0  # where the next batch comes from
-        self.elapsed = 0.0  # seconds spent in training steps, over all sessions of the run
-        self.last_checkpoint: tuple[Path, int] | None = None
-        self._interval = None  # the steps since the last log line, while train() runs
-        if checkpoint is not None:
-            self.load_state_dict(checkpoint)
 
     def _start_from(self, source: str) -> dict:
         """Load the EMA weights of checkpoint `source` into the new network (fine-tuning).
@@ -756,13 +775,7 @@ class Trainer:
         try:
             with _StopOnSignal() as stop:
                 while self.step < (self.planned_steps or cfg.steps) and not self._time_is_up():
-                    start = time.perf_counter()
-                    images, labels = next(batches)
-                    loss = self.train_step(images, labels) if cfg.class_conditional else self.train_step(images)
-                    self.step += 1
-                    self._advance_data_position()
-                    seconds = time.perf_counter() - start
-                    self.elapsed += seconds
+                    loss, seconds = self._timed_step(batches)
                     if self.dist.enabled:  # one tiny all-reduce per step
                         self.elapsed, signum = agree_on_stop(self.elapsed, stop.signum, self._host_group)
                     interval = self._interval
@@ -771,12 +784,7 @@ class Trainer:
                     interval["time"] += seconds
                     bar.update(1)
                     if self.planned_steps is None:
-                        if self.step >= plan_at // 2 and mark is None:
-                            mark = (self.step, self.elapsed)
-                        if self.step >= plan_at and self.step - mark[0] >= self.PLAN_AFTER // 2:
-                            self._plan_steps(mark)
-                            bar.total = self.planned_steps
-                            bar.refresh()
+                        mark = self._plan_when_measured(mark, plan_at, bar)
 
                     last = self.step == (self.planned_steps or cfg.steps) or self._time_is_up()
                     if self.step % cfg.log_every == 0 or last:
@@ -796,10 +804,41 @@ class Trainer:
         finally:
             bar.close()
             batches.close()  # stops the loader's worker processes
-        if self.last_checkpoint is None or self.last_checkpoint[1] != self.step:
-            self.save_checkpoint()
         if not self.dist.enabled:
             signum = stop.signum  # also a signal that came after the last step's check
+        return self._finish(signum, record, grid)
+
+    def _timed_step(self, batches) -> tuple[Tensor, float]:
+        """One train_step on the next batch of `batches`, counted (step, data position) and
+        timed on the host clock: (the loss, still on the device; the seconds it took, which
+        are added to self.elapsed)."""
+        start = time.perf_counter()
+        images, labels = next(batches)
+        loss = self.train_step(images, labels) if self.config.class_conditional else self.train_step(images)
+        self.step += 1
+        self._advance_data_position()
+        seconds = time.perf_counter() - start
+        self.elapsed += seconds
+        return loss, seconds
+
+    def _plan_when_measured(self, mark: tuple[int, float] | None, plan_at: int, bar) -> tuple[int, float] | None:
+        """For a run bounded by max_minutes, before its length is known: start the speed
+        measurement at step plan_at // 2 (returns its mark, (step, elapsed)), and from step
+        `plan_at` on, once PLAN_AFTER // 2 steps have been timed, fix planned_steps
+        (`_plan_steps`) and show it on the progress bar."""
+        if self.step >= plan_at // 2 and mark is None:
+            mark = (self.step, self.elapsed)
+        if self.step >= plan_at and self.step - mark[0] >= self.PLAN_AFTER // 2:
+            self._plan_steps(mark)
+            bar.total = self.planned_steps
+            bar.refresh()
+        return mark
+
+    def _finish(self, signum: int | None, record: dict | None, grid: Path | None) -> dict:
+        """The end of `train`: a checkpoint at the last step (unless one was just written);
+        then TrainingInterrupted if signal `signum` stopped the run, else ema.pt and the result."""
+        if self.last_checkpoint is None or self.last_checkpoint[1] != self.step:
+            self.save_checkpoint()
         if signum is not None:
             raise TrainingInterrupted(signum, self.checkpoint_path, self.step)
         ema_path = self.save_ema()
