@@ -27,7 +27,12 @@ from pathlib import Path
 
 import torch
 
-from naivediffusion.train import PRETRAINED_DIR, load_checkpoint, write_atomic, write_text_atomic
+from naivediffusion.checkpoint import (
+    PRETRAINED_DIR,
+    load_checkpoint,
+    write_atomic,
+    write_text_atomic,
+)
 
 
 def fail(message: str) -> None:
@@ -115,7 +120,7 @@ def main() -> None:
         grid_bytes[f"step_{steps_before + int(path.stem.removeprefix('step_')):06d}.png"] = path.read_bytes()
 
     out.mkdir(parents=True, exist_ok=True)
-    # Each file is swapped in whole (train.write_atomic): an export that dies midway leaves the
+    # Each file is swapped in whole (checkpoint.write_atomic): an export that dies midway leaves the
     # shipped files as they were or replaced, never a half-written model or record.
     weights = (run_dir / "ema.pt").read_bytes()
     write_atomic(out / f"{args.name}.pt", lambda f: f.write(weights))

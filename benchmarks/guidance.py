@@ -33,7 +33,7 @@ import torch
 from naivediffusion import quality
 from naivediffusion.__main__ import DEFAULT_ETA, resolve_eta
 from naivediffusion.__main__ import draw as draw_batches
-from naivediffusion.train import (
+from naivediffusion.checkpoint import (
     PRETRAINED_PREFIX,
     load_model,
     pretrained_record,

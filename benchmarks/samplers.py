@@ -29,8 +29,8 @@ import torch
 
 from naivediffusion import quality
 from naivediffusion.__main__ import draw
+from naivediffusion.checkpoint import PRETRAINED_PREFIX, load_model, update_pretrained_record
 from naivediffusion.diffusion import Diffusion
-from naivediffusion.train import PRETRAINED_PREFIX, load_model, update_pretrained_record
 
 
 def parse_setting(text: str) -> dict:

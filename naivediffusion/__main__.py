@@ -26,8 +26,10 @@ import torch
 
 from . import viz
 from .budget import pick_device
+from .checkpoint import PRETRAINED_PREFIX, load_model, pretrained_names, write_text_atomic
 from .data import load_dataset
 from .diffusion import VARIANCES, Diffusion
+from .distributed import distributed_from_env, end_distributed
 from .likelihood import bits_per_dim
 from .quality import (
     class_probabilities,
@@ -43,16 +45,10 @@ from .train import (
     COMPILE_MODES,
     CPU_DEFAULTS,
     DATASET_DEFAULTS,
-    PRETRAINED_PREFIX,
     TrainConfig,
     Trainer,
     TrainingDivergedError,
     TrainingInterrupted,
-    distributed_from_env,
-    end_distributed,
-    load_model,
-    pretrained_names,
-    write_text_atomic,
 )
 
 EXIT_USAGE = 2

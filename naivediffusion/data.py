@@ -10,6 +10,7 @@ when an image is saved. Everything in between lives in [-1, 1].
     load_dataset("cifar10")          # torchvision CIFAR10, 3 x 32 x 32, random flips
     load_dataset("folder:~/faces")   # any images PIL reads, 3 x 64 x 64 by default
     load_dataset("mnist", in_memory=True).to("cuda")  # all of it as uint8, batched on the GPU
+    EpochBatchSampler(60_000, 128, seed=0)  # the batches' indices, in a resumable order
 
 The torchvision sets are looked for under a data root (the `root` argument, else
 the environment variable NAIVEDIFFUSION_DATA, else a cache folder) in
@@ -19,6 +20,7 @@ tests and CI do, so a missing dataset fails at once with the data-root message i
 of reaching for the network); users download by default.
 """
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +28,10 @@ from pathlib import Path
 import torch
 import torchvision
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
+
+from .distributed import check_global_batch
 
 FOLDER_PREFIX = "folder:"
 DOWNLOAD_ENV_VAR = "NAIVEDIFFUSION_DOWNLOAD"  # "0" (or "false", "no", "off"): never download
@@ -318,3 +322,65 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         with Image.open(self.files[index]) as image:
             return self.transform(image.convert("RGB")), 0
+
+
+# ------------------------------------------------------ the order of the batches
+
+
+def derive_seed(seed: int, *keys) -> int:
+    """A 63-bit seed for one random stream of a run, e.g. derive_seed(seed, "epoch", 3).
+
+    Each stream (the order of epoch e, the noise of the loss, the sample grids) gets its
+    own generator, so drawing more from one never shifts another.
+    """
+    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class EpochBatchSampler(Sampler):
+    """Batches of indices forever: epoch e visits the dataset in the order of a
+    `torch.randperm` seeded from (seed, e), in `num_samples // batch_size` full batches
+    (the incomplete last batch is dropped, so every step sees `batch_size` images).
+
+    Starting at (epoch, position) continues an interrupted run exactly where it stopped,
+    with no need to replay the batches before it.
+
+    Under torchrun, `batch_size` is the global batch and process `rank` of `world_size`
+    gets only its slice of each one: indices [rank * b, (rank + 1) * b) with
+    b = batch_size // world_size. Every process computes the same order, so the slices
+    together are exactly the batch that one process would have taken.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int = 0, position: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if num_samples < batch_size:
+            raise ValueError(f"the dataset has {num_samples} images, fewer than one batch of "
+                             f"{batch_size}; use a smaller --batch-size")
+        check_global_batch(batch_size, world_size)
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.epoch, self.position = epoch, position
+        self.batches_per_epoch = num_samples // batch_size
+        per_rank = batch_size // world_size
+        self.rank_slice = slice(rank * per_rank, (rank + 1) * per_rank)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def epoch_batches(self, epoch: int) -> torch.Tensor:
+        """This process's batches of `epoch`: LongTensor [batches_per_epoch, batch_size / world_size],
+        row i the rank's slice of global batch i."""
+        order = self.order(epoch)[:self.batches_per_epoch * self.batch_size]
+        return order.view(self.batches_per_epoch, self.batch_size)[:, self.rank_slice]
+
+    def epochs(self):
+        """(epoch, the first batch to take) from the start position on, forever."""
+        epoch, position = self.epoch, self.position
+        while True:
+            yield epoch, position
+            epoch, position = epoch + 1, 0
+
+    def __iter__(self):
+        for epoch, position in self.epochs():
+            for batch in self.epoch_batches(epoch)[position:]:
+                yield batch.tolist()

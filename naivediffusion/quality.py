@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .budget import pick_device
+from .checkpoint import save_atomic
 from .data import FOLDER_PREFIX, dataset_info, load_dataset, scale_to_unit_interval
 
 
@@ -181,14 +182,12 @@ def accuracy(classifier: Classifier, images: Tensor, labels: Tensor, batch_size:
 
 def save_classifier(classifier: Classifier, path: str | Path, **metadata) -> Path:
     """Save the weights and the settings that rebuild the network, with `metadata`
-    (plain data: dataset, accuracy, the command that trained it, ...)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    (plain data: dataset, accuracy, the command that trained it, ...), atomically
+    (`checkpoint.save_atomic`: an interrupted save leaves the previous file whole)."""
     state = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
-    torch.save({"format": CLASSIFIER_FORMAT, "version": CLASSIFIER_VERSION,
-                "config": {**classifier.config, "widths": list(classifier.config["widths"])},
-                "state_dict": state, "metadata": metadata}, path)
-    return path
+    return save_atomic({"format": CLASSIFIER_FORMAT, "version": CLASSIFIER_VERSION,
+                        "config": {**classifier.config, "widths": list(classifier.config["widths"])},
+                        "state_dict": state, "metadata": metadata}, path)
 
 
 def load_classifier(dataset: str = "mnist", path: str | Path | None = None,

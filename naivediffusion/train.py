@@ -11,29 +11,28 @@ samples, survives a crashed session and can be repeated bit for bit needs more:
   `torch.compile` (with CUDA graphs in mode "reduce-overhead") on a GPU.
 - The dataset held on the device as uint8 and batched there, so a GPU step never
   waits for the host.
-- Batches in a reproducible, resumable order; checkpoints written atomically and
-  loaded with `torch.load(weights_only=True)`, so a checkpoint cannot run code.
+- Batches in a reproducible, resumable order (`data.EpochBatchSampler`); checkpoints
+  written atomically and loaded with `torch.load(weights_only=True)`, so a checkpoint
+  cannot run code (`checkpoint`).
 - A guard that stops training at the first non-finite loss.
+- Many processes under torchrun, one global batch (`distributed`).
 
     config = TrainConfig.for_dataset("mnist", steps=2000, run_dir="runs/mnist")
     Trainer(config).train()                          # runs/mnist/{log.jsonl, samples/, checkpoint.pt, ema.pt}
     Trainer.resume("runs/mnist", steps=4000).train()  # continue the same run
-    model, diffusion, info = load_model("runs/mnist/ema.pt")
+    model, diffusion, info = checkpoint.load_model("runs/mnist/ema.pt")
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import pickle
 import signal
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,17 +40,40 @@ import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import viz
 from .budget import pick_device
-from .data import FOLDER_PREFIX, InMemoryImages, dataset_info, load_dataset
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_record,
+    load_checkpoint,
+    save_atomic,
+    total_steps,
+    unwrap_state_dict,
+    write_text_atomic,
+)
+from .data import (
+    FOLDER_PREFIX,
+    EpochBatchSampler,
+    InMemoryImages,
+    dataset_info,
+    derive_seed,
+    load_dataset,
+)
 from .diffusion import WEIGHTINGS, Diffusion
+from .distributed import (
+    agree_on_stop,
+    check_global_batch,
+    distributed_from_env,
+    host_group,
+    init_distributed,
+    mean_over_processes,
+    rank_slice,
+)
 from .unet import UNet
 
-CHECKPOINT_FORMAT = "naivediffusion"
-CHECKPOINT_VERSION = 1
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 LR_SCHEDULES = ("constant", "cosine")
@@ -59,10 +81,6 @@ LR_SCHEDULES = ("constant", "cosine")
 # into CUDA graphs and replays them with one launch each step: the cure for a step bound by
 # launching ~1,000 small kernels, and it needs what the loop already gives it, one batch shape.
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-class CheckpointError(ValueError):
-    """A file that is not a naivediffusion checkpoint, is damaged, or was refused."""
 
 
 class TrainingDivergedError(ValueError):
@@ -291,16 +309,6 @@ def _dataset_slug(name: str) -> str:
     return name
 
 
-def derive_seed(seed: int, *keys) -> int:
-    """A 63-bit seed for one random stream of a run, e.g. derive_seed(seed, "epoch", 3).
-
-    Each stream (the order of epoch e, the noise of the loss, the sample grids) gets its
-    own generator, so drawing more from one never shifts another.
-    """
-    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """"auto" -> "bf16" on GPUs that have it (Ampere and later), "fp16" on older ones such
     as the T4, "fp32" on CPU and MPS. An explicit choice is checked against the device."""
@@ -387,319 +395,6 @@ def cosine_decay(warmup_steps: int, total_steps: int):
     return factor
 
 
-class EpochBatchSampler(Sampler):
-    """Batches of indices forever: epoch e visits the dataset in the order of a
-    `torch.randperm` seeded from (seed, e), in `num_samples // batch_size` full batches
-    (the incomplete last batch is dropped, so every step sees `batch_size` images).
-
-    Starting at (epoch, position) continues an interrupted run exactly where it stopped,
-    with no need to replay the batches before it.
-
-    Under torchrun, `batch_size` is the global batch and process `rank` of `world_size`
-    gets only its slice of each one: indices [rank * b, (rank + 1) * b) with
-    b = batch_size // world_size. Every process computes the same order, so the slices
-    together are exactly the batch that one process would have taken.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int = 0, position: int = 0,
-                 rank: int = 0, world_size: int = 1):
-        if num_samples < batch_size:
-            raise ValueError(f"the dataset has {num_samples} images, fewer than one batch of "
-                             f"{batch_size}; use a smaller --batch-size")
-        check_global_batch(batch_size, world_size)
-        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
-        self.epoch, self.position = epoch, position
-        self.batches_per_epoch = num_samples // batch_size
-        per_rank = batch_size // world_size
-        self.rank_slice = slice(rank * per_rank, (rank + 1) * per_rank)
-
-    def order(self, epoch: int) -> Tensor:
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
-        return torch.randperm(self.num_samples, generator=generator)
-
-    def epoch_batches(self, epoch: int) -> Tensor:
-        """This process's batches of `epoch`: LongTensor [batches_per_epoch, batch_size / world_size],
-        row i the rank's slice of global batch i."""
-        order = self.order(epoch)[:self.batches_per_epoch * self.batch_size]
-        return order.view(self.batches_per_epoch, self.batch_size)[:, self.rank_slice]
-
-    def epochs(self):
-        """(epoch, the first batch to take) from the start position on, forever."""
-        epoch, position = self.epoch, self.position
-        while True:
-            yield epoch, position
-            epoch, position = epoch + 1, 0
-
-    def __iter__(self):
-        for epoch, position in self.epochs():
-            for batch in self.epoch_batches(epoch)[position:]:
-                yield batch.tolist()
-
-
-# ------------------------------------------------------ many processes (torchrun)
-#
-# `torchrun --nproc_per_node=N -m naivediffusion train ...` starts N copies of the same
-# program and tells each, through environment variables, which one it is. Data-parallel
-# training then needs three things from us: every process starts from the same weights,
-# takes its own slice of one global batch, and gets the same averaged gradient, which
-# DistributedDataParallel (DDP) computes by all-reducing the gradients during backward().
-# With equal slices and each process's loss the mean over its slice, the average of the
-# N gradients is the gradient of the mean over the global batch: N processes take the
-# very steps that one process with the whole batch would take (up to float rounding).
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """Where this process stands in a torchrun launch: process `rank` of `world_size`,
-    the `local_rank`-th on its machine (which picks its GPU).
-
-    A plain `python -m naivediffusion train` is Distributed(): world_size 1, rank 0,
-    `enabled` False, and then nothing distributed happens, not even a process group.
-    """
-
-    world_size: int = 1
-    rank: int = 0
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the one process that writes files and prints."""
-        return self.rank == 0
-
-
-def distributed_from_env() -> Distributed:
-    """This process's place in a torchrun launch, from the WORLD_SIZE, RANK and LOCAL_RANK
-    variables that torchrun sets; one process when WORLD_SIZE is absent or 1."""
-    env = os.environ
-    try:
-        world_size = int(env.get("WORLD_SIZE", "1"))
-        if world_size <= 1:
-            return Distributed()
-        rank, local_rank = int(env["RANK"]), int(env["LOCAL_RANK"])
-    except (KeyError, ValueError) as err:
-        raise ValueError(f"WORLD_SIZE={env.get('WORLD_SIZE')!r}, RANK={env.get('RANK')!r} and "
-                         f"LOCAL_RANK={env.get('LOCAL_RANK')!r} do not describe a torchrun process "
-                         f"({type(err).__name__}: {err}); start many processes with torchrun "
-                         "--nproc_per_node=N, or unset WORLD_SIZE for one") from None
-    if not 0 <= rank < world_size or local_rank < 0:
-        raise ValueError(f"RANK={rank} and LOCAL_RANK={local_rank} do not fit WORLD_SIZE={world_size}; "
-                         "start many processes with torchrun --nproc_per_node=N")
-    return Distributed(world_size, rank, local_rank)
-
-
-def check_global_batch(batch_size: int, world_size: int) -> None:
-    """Raise ValueError unless the global batch splits into `world_size` equal slices
-    (unequal slices would weight the images of the smaller ones more in the average)."""
-    if batch_size % world_size:
-        lower = batch_size // world_size * world_size
-        options = " or ".join(str(b) for b in (lower, lower + world_size) if b > 0)
-        raise ValueError(f"--batch-size {batch_size} is the global batch, split evenly over the "
-                         f"{world_size} processes, but {batch_size} is not divisible by {world_size}; "
-                         f"use a multiple of {world_size} (e.g. {options}) or another --nproc_per_node")
-
-
-def init_distributed(where: Distributed, device: torch.device) -> torch.device:
-    """Join the process group of a torchrun launch; returns this process's device.
-
-    "nccl" moves gradients GPU to GPU, so on CUDA each process takes the GPU cuda:LOCAL_RANK;
-    "gloo" runs on the CPU. torchrun's MASTER_ADDR and MASTER_PORT say where to meet
-    (init_method "env://"). A group that already exists (made by the caller) is reused.
-    """
-    if not torch.distributed.is_available():
-        raise ValueError("this PyTorch was built without torch.distributed, so it cannot train with "
-                         "many processes; run one process (python -m naivediffusion train)")
-    if device.type == "mps":
-        raise ValueError("training with many processes needs --device cuda or cpu; MPS has no "
-                         "backend for torch.distributed")
-    if device.type == "cuda":
-        if where.local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK {where.local_rank} has no GPU: this machine has "
-                             f"{torch.cuda.device_count()}; start at most that many processes with "
-                             "torchrun --nproc_per_node")
-        device = torch.device("cuda", where.local_rank)
-        torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    return device
-
-
-def end_distributed() -> None:
-    """Leave the process group, if this process joined one (call it when every process has
-    finished, on the way out: torch warns about a group that was never destroyed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-# ----------------------------------------------------------------- checkpoints
-
-
-def write_atomic(path: str | os.PathLike, write) -> Path:
-    """Call `write(f)` on a binary file so that `path` always holds a complete file.
-
-    The bytes go to a temporary file in the same folder, are forced to disk, and then
-    `os.replace` swaps it in, which is atomic: a crash or a kill at any moment leaves
-    either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` (UTF-8) to `path` atomically (see `write_atomic`)."""
-    return write_atomic(path, lambda f: f.write(text.encode()))
-
-
-def save_atomic(obj, path: str | os.PathLike) -> Path:
-    """torch.save `obj` to `path` atomically (see `write_atomic`)."""
-    return write_atomic(path, lambda f: torch.save(obj, f))
-
-
-def _describe_file(path: Path) -> str:
-    """What kind of file `path` is, judged by its first bytes: "torch", "pickle" or "other"."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head == b"PK\x03\x04":
-        return "torch"  # torch.save writes a zip archive (maybe a truncated one)
-    return "pickle" if head[:1] == b"\x80" else "other"  # pickle protocol 2+ starts with 0x80
-
-
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read and check a naivediffusion checkpoint (checkpoint.pt or ema.pt, or a run folder).
-
-    `path` may also name a model shipped with the package, "pretrained:mnist" (see
-    `pretrained`), so that a user need not know where pip put it.
-
-    Always `torch.load(..., weights_only=True)`: only tensors and plain data are unpickled,
-    so a file that would run code when loaded is refused instead of executed.
-
-    Raises:
-        FileNotFoundError: there is no such file.
-        CheckpointError: not a checkpoint, damaged, refused, or not written by naivediffusion.
-    """
-    if isinstance(path, str) and path.startswith(PRETRAINED_PREFIX):
-        path = pretrained(path[len(PRETRAINED_PREFIX):])
-    path = Path(path).expanduser()
-    if path.is_dir():
-        found = [path / name for name in ("checkpoint.pt", "ema.pt") if (path / name).is_file()]
-        if not found:
-            raise FileNotFoundError(f"no checkpoint.pt or ema.pt in the folder {path}; give a run "
-                                    "folder that training has written to, or the file itself")
-        path = found[0]
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no checkpoint at {path}; check the path, or train a model first "
-            "(python -m naivediffusion train --dataset mnist writes runs/mnist/ema.pt)"
-        )
-    kind = _describe_file(path)
-    if kind == "other":
-        raise CheckpointError(f"{path} is not a naivediffusion checkpoint: not a file written by "
-                              "torch.save; give the checkpoint.pt or ema.pt of a training run")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about unusual pickle protocols
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path} refused: it contains code objects (Python objects other than tensors and "
-            "plain data, which could run code when loaded); only checkpoints written by "
-            "naivediffusion load"
-        ) from err
-    except Exception as err:  # zip, pickle and storage errors of a truncated or damaged file
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path} is damaged or truncated and cannot be read ({reason}); "
-                              "use another checkpoint or train again") from err
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        what = f"a dict with keys {sorted(map(str, checkpoint))[:6]}" if isinstance(checkpoint, dict) \
-            else f"a {type(checkpoint).__name__}"
-        raise CheckpointError(f"{path} is not a naivediffusion checkpoint (it holds {what}); give "
-                              "the checkpoint.pt or ema.pt written by python -m naivediffusion train")
-    if checkpoint.get("version", 0) > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} was written by a newer naivediffusion (checkpoint version "
-                              f"{checkpoint['version']}); upgrade the package to load it")
-    checkpoint["path"] = str(path)
-    return checkpoint
-
-
-def unwrap_state_dict(state: dict) -> dict[str, Tensor]:
-    """The plain UNet weights inside the state of an AveragedModel and/or a compiled model:
-    drops "n_averaged" and the "module." / "_orig_mod." prefixes they add."""
-    weights = {}
-    for key, value in state.items():
-        if key == "n_averaged":
-            continue
-        for prefix in ("module.", "_orig_mod."):
-            key = key.removeprefix(prefix)
-        weights[key] = value
-    return weights
-
-
-def total_steps(checkpoint: dict) -> int:
-    """The optimizer steps behind a checkpoint's weights: its run's, plus those of the model its
-    run started from (--init-from), and of the one that one started from, and so on."""
-    init = checkpoint.get("init") or {}
-    return (checkpoint.get("step") or 0) + (init.get("total_steps", init.get("step")) or 0)
-
-
-def load_model(path: str | os.PathLike, device="cpu", ema: bool = True) -> tuple[UNet, Diffusion, dict]:
-    """Rebuild the trained network and its diffusion process from a checkpoint.
-
-    Args:
-        path: a checkpoint.pt, an ema.pt, a run folder, or "pretrained:NAME" for a model
-            that ships with the package.
-        device: where to put the model.
-        ema: the EMA weights (what DDPM samples from) rather than the raw ones.
-    Returns:
-        (model in eval mode, diffusion, info) where info holds "step" (of the run that wrote
-        the file), "total_steps" (with those of the models it started from), "image_shape"
-        [C, H, W], "train_config", "model_config", "diffusion_config", "kind" and "path".
-    """
-    checkpoint = load_checkpoint(path)
-    path = checkpoint["path"]
-    key = "ema" if ema else "model"
-    if key not in checkpoint:
-        raise CheckpointError(f"{path} holds no {'EMA' if ema else 'raw'} weights (it is a "
-                              f"{checkpoint.get('kind')!r} file); use the run's checkpoint.pt")
-    try:
-        model = UNet(**checkpoint["model_config"])
-        diffusion = Diffusion(**checkpoint["diffusion_config"])
-        model.load_state_dict(unwrap_state_dict(checkpoint[key]))
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path}: its weights do not fit the model it describes ({reason}); "
-                              "the file was written for another model or edited") from err
-    model.to(device).eval()
-    channels = checkpoint["model_config"]["in_channels"]
-    size = checkpoint["model_config"]["image_size"]
-    info = {
-        "path": path,
-        "kind": checkpoint.get("kind"),
-        "step": checkpoint.get("step"),
-        "total_steps": total_steps(checkpoint),
-        "init": checkpoint.get("init"),
-        "image_shape": list(checkpoint.get("image_shape", [channels, size, size])),
-        "train_config": checkpoint.get("train_config"),
-        "model_config": checkpoint["model_config"],
-        "diffusion_config": checkpoint["diffusion_config"],
-    }
-    return model, diffusion, info
-
-
 # ------------------------------------------------------------------ the trainer
 
 
@@ -753,9 +448,33 @@ class Trainer:
         self.memory_format = torch.channels_last if nhwc else torch.contiguous_format
         torch.manual_seed(config.seed)  # the initial weights, and dropout from here on
 
-        # The network: a preset, sized to the data. The preset's image_size stays the
-        # reference for its attention resolutions; the size the data has is checked here,
-        # before any data is read.
+        self._build_model(fine_tune=checkpoint is None)
+        self.diffusion = Diffusion(config.timesteps, config.schedule, config.objective, config.variance)
+        self._build_data(data)
+        self._build_optimizer()
+        # The group on which processes agree on host numbers once per step (see `agree_on_stop`).
+        self._host_group = host_group(self.dist)
+        # t and eps of the loss come from their own generator, dropout from the global one.
+        self.noise_generator = torch.Generator(device=self.device)
+        self.noise_generator.manual_seed(derive_seed(config.seed, "noise"))
+
+        self.step = 0
+        self.epoch, self.position = 0, 0  # where the next batch comes from
+        self.elapsed = 0.0  # seconds spent in training steps, over all sessions of the run
+        self.last_checkpoint: tuple[Path, int] | None = None
+        self._interval = None  # the steps since the last log line, while train() runs
+        if checkpoint is not None:
+            self.load_state_dict(checkpoint)
+
+    def _build_model(self, fine_tune: bool) -> None:
+        """The network (self.model), its EMA (self.ema) and what train_step calls (self.network).
+
+        The network is a preset, sized to the data. The preset's image_size stays the
+        reference for its attention resolutions; the size the data has is checked here,
+        before any data is read. With `fine_tune` (a new run, not a resumed one) and
+        config.init_from, it starts from that checkpoint's EMA weights.
+        """
+        config = self.config
         channels, size, num_classes = dataset_info(config.dataset, config.image_size)
         self.image_shape = (channels, size, size)
         overrides = dict(in_channels=channels, **config.model_overrides)
@@ -769,7 +488,7 @@ class Trainer:
         # What the weights started from: None for random ones, else {"path", "step",
         # "total_steps"} of config.init_from (kept in the checkpoints, so a resumed run knows).
         self.init = None
-        if config.init_from is not None and checkpoint is None:
+        if config.init_from is not None and fine_tune:
             self.init = self._start_from(config.init_from)
         self.model.to(self.device, memory_format=self.memory_format)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_update_fn(config.ema_decay, config.ema_warmup),
@@ -781,7 +500,11 @@ class Trainer:
         network = self._wrap_for_processes(self.model)
         self.network = network if config.compile == "none" else torch.compile(network, mode=config.compile)
 
-        self.diffusion = Diffusion(config.timesteps, config.schedule, config.objective, config.variance)
+    def _build_data(self, data: Dataset | None) -> None:
+        """The training images (self.dataset): config.dataset's, or `data` when given (checked
+        against the shape the model was built for); an `InMemoryImages` moves to the device."""
+        config = self.config
+        size = self.image_shape[-1]
         if data is None:
             native = not config.dataset.startswith(FOLDER_PREFIX) and config.image_size in (None, size)
             data = load_dataset(config.dataset, root=config.data_root, train=True,
@@ -797,6 +520,10 @@ class Trainer:
             raise ValueError(f"the dataset has {len(self.dataset)} images, fewer than one batch of "
                              f"{config.batch_size}; use a smaller --batch-size")
 
+    def _build_optimizer(self) -> None:
+        """AdamW (self.optimizer), its learning-rate schedule (self.scheduler) and, for fp16,
+        the gradient scaler (self.scaler)."""
+        config = self.config
         self.optimizer = adamw(self.model.parameters(), config.lr, config.weight_decay, self.device)
         # The step the run ends at: config.steps, or for a run bounded by max_minutes the step
         # that the measured speed reaches in that time (None until it has been measured).
@@ -807,22 +534,6 @@ class Trainer:
         # fp16 has a narrow range: small gradients underflow to 0 unless the loss is scaled
         # up first (and the gradients scaled back down before the step). bf16 does not need it.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
-        # The group on which processes agree on host numbers once per step (see `_agree`):
-        # gloo, which reduces CPU tensors; nccl only reduces GPU ones.
-        self._host_group = None
-        if self.dist.enabled and torch.distributed.get_backend() != "gloo":
-            self._host_group = torch.distributed.new_group(backend="gloo")
-        # t and eps of the loss come from their own generator, dropout from the global one.
-        self.noise_generator = torch.Generator(device=self.device)
-        self.noise_generator.manual_seed(derive_seed(config.seed, "noise"))
-
-        self.step = 0
-        self.epoch, self.position = 0, 0  # where the next batch comes from
-        self.elapsed = 0.0  # seconds spent in training steps, over all sessions of the run
-        self.last_checkpoint: tuple[Path, int] | None = None
-        self._interval = None  # the steps since the last log line, while train() runs
-        if checkpoint is not None:
-            self.load_state_dict(checkpoint)
 
     def _start_from(self, source: str) -> dict:
         """Load the EMA weights of checkpoint `source` into the new network (fine-tuning).
@@ -899,32 +610,6 @@ class Trainer:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
-    def _rank_slice(self, tensor: Tensor) -> Tensor:
-        """This process's rows of a global draw [B, ...]: [B / N, ...], rows rank * B / N on
-        (all of it for one process)."""
-        if not self.dist.enabled:
-            return tensor
-        per_rank = tensor.shape[0] // self.dist.world_size
-        return tensor[self.dist.rank * per_rank:(self.dist.rank + 1) * per_rank]
-
-    def _agree(self, signum: int | None) -> int | None:
-        """Under torchrun: make every process take the same decisions at this step.
-
-        Each process times its own steps and gets its own signals (torchrun passes a Ctrl-C
-        on to every process, but not at the same instant), so left alone one might stop a
-        step earlier than the others and leave them waiting for it forever. Once per step
-        they all-reduce (max) two host numbers on a CPU (gloo) group: the training time, so
-        that the --max-minutes plan and the time-up check agree, and the signal, so that all
-        stop at the same step. It is the only per-step exchange besides DDP's gradients; it
-        never waits for the GPU, only for the slowest process, which DDP waits for anyway.
-
-        Returns the signal number that stops the run, or None; sets self.elapsed to the max.
-        """
-        values = torch.tensor([self.elapsed, float(signum or 0)], dtype=torch.float64)
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX, group=self._host_group)
-        self.elapsed = values[0].item()
-        return int(values[1].item()) or None
-
     # ---------------------------------------------------------------- one step
 
     def lr_factor(self, step: int) -> float:
@@ -990,8 +675,8 @@ class Trainer:
                 # One coin per image, after t and eps: the draw Diffusion.loss makes itself when
                 # given the generator (and none when p_uncond is 0), so one process is unchanged.
                 drop = torch.rand(batch, device=self.device, generator=self.noise_generator) < cfg.p_uncond
-                conditioning["drop_mask"] = self._rank_slice(drop)
-        t, noise = self._rank_slice(t), self._rank_slice(noise)
+                conditioning["drop_mask"] = rank_slice(drop, self.dist)
+        t, noise = rank_slice(t, self.dist), rank_slice(noise, self.dist)
         loss = self.diffusion.loss(self.predict, x0, t=t, noise=noise, weighting=cfg.loss_weighting,
                                    min_snr_gamma=cfg.min_snr_gamma, **conditioning)
 
@@ -1070,8 +755,9 @@ class Trainer:
                 continues exactly as if nothing had happened.
 
         Under torchrun every process runs this loop in step with the others: they agree after
-        each step on the time and on any signal (`_agree`), so all stop at the same step, and
-        both exceptions are raised on every process. Only rank 0 writes and shows progress.
+        each step on the time and on any signal (`distributed.agree_on_stop`), so all stop at
+        the same step, and both exceptions are raised on every process. Only rank 0 writes and
+        shows progress.
         """
         cfg = self.config
         if self.dist.is_main:
@@ -1089,27 +775,16 @@ class Trainer:
         try:
             with _StopOnSignal() as stop:
                 while self.step < (self.planned_steps or cfg.steps) and not self._time_is_up():
-                    start = time.perf_counter()
-                    images, labels = next(batches)
-                    loss = self.train_step(images, labels) if cfg.class_conditional else self.train_step(images)
-                    self.step += 1
-                    self._advance_data_position()
-                    seconds = time.perf_counter() - start
-                    self.elapsed += seconds
-                    if self.dist.enabled:
-                        signum = self._agree(stop.signum)  # one tiny all-reduce per step
+                    loss, seconds = self._timed_step(batches)
+                    if self.dist.enabled:  # one tiny all-reduce per step
+                        self.elapsed, signum = agree_on_stop(self.elapsed, stop.signum, self._host_group)
                     interval = self._interval
                     interval["loss"] = loss if interval["loss"] is None else interval["loss"] + loss
                     interval["steps"] += 1
                     interval["time"] += seconds
                     bar.update(1)
                     if self.planned_steps is None:
-                        if self.step >= plan_at // 2 and mark is None:
-                            mark = (self.step, self.elapsed)
-                        if self.step >= plan_at and self.step - mark[0] >= self.PLAN_AFTER // 2:
-                            self._plan_steps(mark)
-                            bar.total = self.planned_steps
-                            bar.refresh()
+                        mark = self._plan_when_measured(mark, plan_at, bar)
 
                     last = self.step == (self.planned_steps or cfg.steps) or self._time_is_up()
                     if self.step % cfg.log_every == 0 or last:
@@ -1129,10 +804,41 @@ class Trainer:
         finally:
             bar.close()
             batches.close()  # stops the loader's worker processes
-        if self.last_checkpoint is None or self.last_checkpoint[1] != self.step:
-            self.save_checkpoint()
         if not self.dist.enabled:
             signum = stop.signum  # also a signal that came after the last step's check
+        return self._finish(signum, record, grid)
+
+    def _timed_step(self, batches) -> tuple[Tensor, float]:
+        """One train_step on the next batch of `batches`, counted (step, data position) and
+        timed on the host clock: (the loss, still on the device; the seconds it took, which
+        are added to self.elapsed)."""
+        start = time.perf_counter()
+        images, labels = next(batches)
+        loss = self.train_step(images, labels) if self.config.class_conditional else self.train_step(images)
+        self.step += 1
+        self._advance_data_position()
+        seconds = time.perf_counter() - start
+        self.elapsed += seconds
+        return loss, seconds
+
+    def _plan_when_measured(self, mark: tuple[int, float] | None, plan_at: int, bar) -> tuple[int, float] | None:
+        """For a run bounded by max_minutes, before its length is known: start the speed
+        measurement at step plan_at // 2 (returns its mark, (step, elapsed)), and from step
+        `plan_at` on, once PLAN_AFTER // 2 steps have been timed, fix planned_steps
+        (`_plan_steps`) and show it on the progress bar."""
+        if self.step >= plan_at // 2 and mark is None:
+            mark = (self.step, self.elapsed)
+        if self.step >= plan_at and self.step - mark[0] >= self.PLAN_AFTER // 2:
+            self._plan_steps(mark)
+            bar.total = self.planned_steps
+            bar.refresh()
+        return mark
+
+    def _finish(self, signum: int | None, record: dict | None, grid: Path | None) -> dict:
+        """The end of `train`: a checkpoint at the last step (unless one was just written);
+        then TrainingInterrupted if signal `signum` stopped the run, else ema.pt and the result."""
+        if self.last_checkpoint is None or self.last_checkpoint[1] != self.step:
+            self.save_checkpoint()
         if signum is not None:
             raise TrainingInterrupted(signum, self.checkpoint_path, self.step)
         ema_path = self.save_ema()
@@ -1156,12 +862,8 @@ class Trainer:
         interval = self._interval
         if interval["steps"] == 0:
             return None
-        total = interval["loss"]
-        if self.dist.enabled:
-            # A copy: the sum may be read twice (a checkpoint, then the log line).
-            total = total.clone()
-            torch.distributed.all_reduce(total)  # the sum over processes of their mean losses
-            total = total / self.dist.world_size  # equal slices: the mean of the means
+        # A new tensor under torchrun: the sum may be read twice (a checkpoint, then the log line).
+        total = mean_over_processes(interval["loss"], self.dist)
         mean = total.item() / interval["steps"]
         if not math.isfinite(mean):
             raise TrainingDivergedError(self._divergence_message(mean, interval["first"]))
@@ -1264,21 +966,26 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """Everything needed to continue the run exactly: a checkpoint."""
+        return checkpoint_record(
+            "checkpoint",
+            step=self.step,
+            data_position={"epoch": self.epoch, "position": self.position},
+            elapsed=self.elapsed,
+            planned_steps=self.planned_steps,
+            init=self.init,
+            model=self.model.state_dict(),
+            ema=self.ema.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            rng=self._rng_state(),
+            **self._settings(),
+        )
+
+    def _settings(self) -> dict:
+        """What every file of the run records besides its weights: the run's settings and
+        those that rebuild the network and the noise process (`checkpoint.load_model`)."""
         return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "kind": "checkpoint",
-            "step": self.step,
-            "data_position": {"epoch": self.epoch, "position": self.position},
-            "elapsed": self.elapsed,
-            "planned_steps": self.planned_steps,
-            "init": self.init,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": self._rng_state(),
             "train_config": dataclasses.asdict(self.config),
             "model_config": self.model.config,
             "diffusion_config": self.diffusion.config,
@@ -1329,19 +1036,10 @@ class Trainer:
             return path
         weights = {k: v.detach().cpu().contiguous()
                    for k, v in unwrap_state_dict(self.ema.state_dict()).items()}
-        release = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "kind": "ema",
-            "step": self.step,
-            "init": self.init,
-            "ema": weights,
-            "train_config": dataclasses.asdict(self.config),
-            "model_config": self.model.config,
-            "diffusion_config": self.diffusion.config,
-            "image_shape": list(self.image_shape),
-        }
+        release = checkpoint_record("ema", step=self.step, init=self.init, ema=weights, **self._settings())
         return save_atomic(release, path)
+
+
 
 
 def _step_of(path: Path) -> str:
@@ -1350,39 +1048,3 @@ def _step_of(path: Path) -> str:
         return f" at step {load_checkpoint(path)['step']}"
     except (ValueError, KeyError, OSError):
         return ""
-
-
-PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
-PRETRAINED_PREFIX = "pretrained:"
-
-
-def pretrained_names() -> list[str]:
-    """The names of the models that ship with the package, e.g. ["mnist"]."""
-    return sorted(p.stem for p in PRETRAINED_DIR.glob("*.pt"))
-
-
-def pretrained(name: str = "mnist") -> Path:
-    """Path of a model that ships with the package (``naivediffusion/pretrained/NAME.pt``).
-
-    Its provenance (the command, hardware and time that made it) is in NAME.json beside it.
-    Everything that reads a checkpoint also takes the name as "pretrained:NAME".
-    """
-    path = PRETRAINED_DIR / f"{name}.pt"
-    if not name or not path.is_file():
-        raise FileNotFoundError(f"no pretrained model {name!r}; the package ships: "
-                                f"{', '.join(PRETRAINED_PREFIX + n for n in pretrained_names()) or 'none'}")
-    return path
-
-
-def pretrained_record(name: str = "mnist") -> dict:
-    """The record of a shipped model (NAME.json beside NAME.pt): how it was trained, and the
-    measurements that benchmarks/ wrote there and the chapters read."""
-    return json.loads(pretrained(name).with_suffix(".json").read_text())
-
-
-def update_pretrained_record(name: str, **fields) -> Path:
-    """Set top-level fields of a shipped model's record (a benchmark's --write-provenance),
-    keeping the rest; written atomically, as the checkpoints are (`write_atomic`)."""
-    path = pretrained(name).with_suffix(".json")
-    record = {**json.loads(path.read_text()), **fields}
-    return write_text_atomic(path, json.dumps(record, indent=2) + "\n")

@@ -20,13 +20,10 @@ import torch
 from test_train import tiny_config
 
 from naivediffusion.__main__ import main
-from naivediffusion.train import (
-    Distributed,
-    EpochBatchSampler,
-    Trainer,
-    distributed_from_env,
-    load_checkpoint,
-)
+from naivediffusion.checkpoint import load_checkpoint
+from naivediffusion.data import EpochBatchSampler
+from naivediffusion.distributed import Distributed, distributed_from_env
+from naivediffusion.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from test_train import assert_same_state, tiny_config
 
-from naivediffusion.train import Trainer, TrainingInterrupted, load_checkpoint
+from naivediffusion.checkpoint import load_checkpoint
+from naivediffusion.train import Trainer, TrainingInterrupted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

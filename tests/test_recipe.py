@@ -9,8 +9,17 @@ import torch
 from test_train import tiny_config  # the tiny run of test_train.py: 8 base channels, T = 50
 
 from naivediffusion import Diffusion
+from naivediffusion import checkpoint as checkpoint_module
 from naivediffusion import train as train_module
 from naivediffusion.__main__ import main
+from naivediffusion.checkpoint import (
+    load_checkpoint,
+    load_model,
+    pretrained,
+    pretrained_names,
+    pretrained_record,
+    update_pretrained_record,
+)
 from naivediffusion.quality import load_images, noise_fraction, roughness, smudge_fraction
 from naivediffusion.train import (
     CPU_DEFAULTS,
@@ -18,12 +27,6 @@ from naivediffusion.train import (
     TrainConfig,
     Trainer,
     cosine_decay,
-    load_checkpoint,
-    load_model,
-    pretrained,
-    pretrained_names,
-    pretrained_record,
-    update_pretrained_record,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -247,7 +250,7 @@ def test_help_lists_the_shipped_models(capsys):
 
 
 def test_a_benchmark_records_a_measurement_beside_a_shipped_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module, "PRETRAINED_DIR", tmp_path)
+    monkeypatch.setattr(checkpoint_module, "PRETRAINED_DIR", tmp_path)
     (tmp_path / "toy.pt").write_bytes(b"weights")
     (tmp_path / "toy.json").write_text(json.dumps({"step": 7, "note": "kept"}))
     assert pretrained_record("toy") == {"step": 7, "note": "kept"}

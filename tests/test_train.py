@@ -16,20 +16,22 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from naivediffusion import Diffusion, UNet
-from naivediffusion.train import (
+from naivediffusion.checkpoint import (
     CheckpointError,
-    EpochBatchSampler,
+    load_checkpoint,
+    load_model,
+    save_atomic,
+    unwrap_state_dict,
+)
+from naivediffusion.data import EpochBatchSampler
+from naivediffusion.train import (
     TrainConfig,
     Trainer,
     TrainingDivergedError,
     adamw,
     ema_update_fn,
     linear_warmup,
-    load_checkpoint,
-    load_model,
     resolve_precision,
-    save_atomic,
-    unwrap_state_dict,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
