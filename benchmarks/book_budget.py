@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from naivediffusion import Diffusion, budget
-from naivediffusion.train import adamw, load_model, pretrained, write_text_atomic
+from naivediffusion.checkpoint import load_model, pretrained, write_text_atomic
+from naivediffusion.train import adamw
 
 FORWARD_BATCHES = (1, 4, 16, 64, 256)
 TRAINING_BATCHES = (16, 64)

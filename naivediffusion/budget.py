@@ -188,12 +188,13 @@ def chapter_work(budget: Budget) -> dict[str, list[Work]]:
     }
 
 
-# Seconds per forward call and per image in it for `mnist-small` on the project's build
+# Seconds per sampler step (one forward call) and per image in it, and per training image, for
+# `mnist-small` on the project's build
 # machine (2 CPU cores, 2 threads), measured by benchmarks/book_budget.py
 # (benchmarks/results/book_budget.json; tests/test_budget_viz.py checks that they agree).
-CPU_SECONDS_PER_CALL = 0.0030
-CPU_SECONDS_PER_IMAGE = 0.00113
-CPU_SECONDS_PER_TRAINING_IMAGE = 0.0028
+CPU_SECONDS_PER_CALL = 0.0029
+CPU_SECONDS_PER_IMAGE = 0.00125
+CPU_SECONDS_PER_TRAINING_IMAGE = 0.0027
 # A Colab T4, by assumption (there is no T4 here to measure): 4 TFLOP/s of fp32 arithmetic
 # (half its 8.1 TFLOP/s peak), and 4 ms per forward call of a small U-Net, whose hundred-odd
 # kernels are launch-bound (12 ms for a training step: backward and optimizer).
