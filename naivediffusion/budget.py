@@ -188,10 +188,10 @@ def chapter_work(budget: Budget) -> dict[str, list[Work]]:
     }
 
 
-# Seconds per sampler step (one forward call) and per image in it, and per training image, for
-# `mnist-small` on the project's build
-# machine (2 CPU cores, 2 threads), measured by benchmarks/book_budget.py
-# (benchmarks/results/book_budget.json; tests/test_budget_viz.py checks that they agree).
+# Seconds per sampler step (one network call) and per image in it, and per training image, for
+# `mnist-small` on the project's build machine (2 CPU cores, 2 threads), measured by
+# benchmarks/book_budget.py (its record: benchmarks/results/book_budget.json; the tests check
+# that these agree with it).
 CPU_SECONDS_PER_CALL = 0.0029
 CPU_SECONDS_PER_IMAGE = 0.00125
 CPU_SECONDS_PER_TRAINING_IMAGE = 0.0027
