@@ -62,7 +62,7 @@ from .data import (
     derive_seed,
     load_dataset,
 )
-from .diffusion import WEIGHTINGS, Diffusion
+from .diffusion import WEIGHTINGS, Diffusion, check_p_uncond
 from .distributed import (
     agree_on_stop,
     check_global_batch,
@@ -225,8 +225,7 @@ class TrainConfig:
             raise ValueError(f"init_from must name a checkpoint (a path or pretrained:NAME); got {self.init_from!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be positive (or None for no time limit); got {self.max_minutes}")
-        if not 0.0 <= self.p_uncond <= 1.0:
-            raise ValueError(f"p_uncond must be a probability in [0, 1] (0.1 is usual); got {self.p_uncond}")
+        check_p_uncond(self.p_uncond)
         if self.class_conditional and self.dataset.startswith(FOLDER_PREFIX):
             raise ValueError("a folder of images has no class labels, so it cannot train a class-conditional "
                              "model; drop --class-conditional, or use mnist, fashion-mnist or cifar10")
@@ -288,11 +287,9 @@ CPU_DEFAULTS: dict[str, dict] = {"mnist": _MNIST_CPU, "fashion-mnist": _MNIST_CP
 
 
 def runs_on_cpu(device: str = "auto") -> bool:
-    """Whether a run with this `device` setting trains on the CPU."""
-    if device == "auto":
-        mps = getattr(torch.backends, "mps", None)
-        return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
-    return device == "cpu"
+    """Whether a run with this `device` setting trains on the CPU ("cuda" and "mps" never do,
+    whether or not the machine has them)."""
+    return device in ("auto", "cpu") and pick_device(device).type == "cpu"
 
 
 # Settings a resumed run may change: where and how fast it runs, not what it learns.
@@ -667,18 +664,18 @@ class Trainer:
         t = torch.randint(0, self.diffusion.num_timesteps, (batch,), device=self.device,
                           generator=self.noise_generator)
         noise = torch.randn((batch, *x0.shape[1:]), device=self.device, generator=self.noise_generator)
-        conditioning = {}
         if labels is not None:
-            conditioning = dict(labels=labels.to(self.device, non_blocking=True),
-                                null_label=self.model.num_classes)
+            labels = labels.to(self.device, non_blocking=True)
             if cfg.p_uncond > 0:
                 # One coin per image, after t and eps: the draw Diffusion.loss makes itself when
                 # given the generator (and none when p_uncond is 0), so one process is unchanged.
+                # A dropped label becomes the null class, num_classes.
                 drop = torch.rand(batch, device=self.device, generator=self.noise_generator) < cfg.p_uncond
-                conditioning["drop_mask"] = rank_slice(drop, self.dist)
+                labels = labels.masked_fill(rank_slice(drop, self.dist), self.model.num_classes)
         t, noise = rank_slice(t, self.dist), rank_slice(noise, self.dist)
-        loss = self.diffusion.loss(self.predict, x0, t=t, noise=noise, weighting=cfg.loss_weighting,
-                                   min_snr_gamma=cfg.min_snr_gamma, **conditioning)
+        # The labels are dropped already, so the loss drops none (its p_uncond is 0).
+        loss = self.diffusion.loss(self.predict, x0, labels, t=t, noise=noise, weighting=cfg.loss_weighting,
+                                   min_snr_gamma=cfg.min_snr_gamma)
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # under DDP: gradients averaged over the processes here

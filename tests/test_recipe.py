@@ -210,6 +210,19 @@ def test_cpu_defaults_unless_a_model_is_named():
     assert TrainConfig.for_dataset("cifar10", device="cpu").model == "ddpm-cifar10"
 
 
+@pytest.mark.parametrize("cuda, mps", [(False, False), (True, False), (False, True)])
+def test_runs_on_cpu_on_every_kind_of_machine(monkeypatch, cuda, mps):
+    """"auto" runs on the CPU only where there is no GPU; "cpu" always, "cuda" and "mps" never,
+    even where they are missing (pick_device would refuse them), and an unknown name is no CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert train_module.runs_on_cpu("auto") is (not cuda and not mps)
+    assert train_module.runs_on_cpu() is (not cuda and not mps)
+    assert train_module.runs_on_cpu("cpu") is True
+    assert train_module.runs_on_cpu("cuda") is False and train_module.runs_on_cpu("mps") is False
+    assert train_module.runs_on_cpu("tpu") is False
+
+
 def test_bad_recipe_flags_exit_2_and_write_nothing(tmp_path, capsys):
     for flags, message in ((["--max-minutes", "0"], "max_minutes must be positive"),
                            (["--min-snr-gamma", "-1"], "min_snr_gamma must be positive")):
