@@ -13,7 +13,8 @@ from test_train import assert_same_state, tiny_config
 from naivediffusion import Diffusion
 from naivediffusion.__main__ import labels_path, main, parse_labels
 from naivediffusion.checkpoint import load_checkpoint, load_model
-from naivediffusion.train import TrainConfig, Trainer
+from naivediffusion.config import TrainConfig
+from naivediffusion.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

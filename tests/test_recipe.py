@@ -20,14 +20,9 @@ from naivediffusion.checkpoint import (
     pretrained_record,
     update_pretrained_record,
 )
+from naivediffusion.config import CPU_DEFAULTS, DATASET_DEFAULTS, TrainConfig, runs_on_cpu
 from naivediffusion.quality import load_images, noise_fraction, roughness, smudge_fraction
-from naivediffusion.train import (
-    CPU_DEFAULTS,
-    DATASET_DEFAULTS,
-    TrainConfig,
-    Trainer,
-    cosine_decay,
-)
+from naivediffusion.train import Trainer, cosine_decay
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -216,11 +211,11 @@ def test_runs_on_cpu_on_every_kind_of_machine(monkeypatch, cuda, mps):
     even where they are missing (pick_device would refuse them), and an unknown name is no CPU."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
-    assert train_module.runs_on_cpu("auto") is (not cuda and not mps)
-    assert train_module.runs_on_cpu() is (not cuda and not mps)
-    assert train_module.runs_on_cpu("cpu") is True
-    assert train_module.runs_on_cpu("cuda") is False and train_module.runs_on_cpu("mps") is False
-    assert train_module.runs_on_cpu("tpu") is False
+    assert runs_on_cpu("auto") is (not cuda and not mps)
+    assert runs_on_cpu() is (not cuda and not mps)
+    assert runs_on_cpu("cpu") is True
+    assert runs_on_cpu("cuda") is False and runs_on_cpu("mps") is False
+    assert runs_on_cpu("tpu") is False
 
 
 def test_bad_recipe_flags_exit_2_and_write_nothing(tmp_path, capsys):
