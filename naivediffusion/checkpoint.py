@@ -14,7 +14,8 @@ Files are written atomically (`write_atomic`) and read with `torch.load(weights_
 arguments of `UNet` and `Diffusion`) and hands back the run's settings, "train_config", as the
 plain dict they are stored as. So reading a model needs nothing of the training code: the
 chapters that only sample import this module, not the Trainer (whose `TrainConfig` can be
-rebuilt from that dict, as `Trainer.resume` does).
+rebuilt from that dict, as `Trainer.resume` does). A run that starts from another's weights
+(--init-from) gets them from `load_init_weights`.
 
 Models that ship with the package live in naivediffusion/pretrained/NAME.pt, with their record
 NAME.json beside them; everything that reads a checkpoint also takes "pretrained:NAME".
@@ -221,7 +222,6 @@ def load_model(path: str | os.PathLike, device="cpu", ema: bool = True) -> tuple
         "diffusion_config": checkpoint["diffusion_config"],
     }
     return model, diffusion, info
-
 
 
 # ------------------------------------------------------------ fine-tuning
