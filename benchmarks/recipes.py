@@ -16,7 +16,7 @@ model:
 A grid of each recipe's first 64 samples is saved beside the JSON file.
 
 It prints numbers and writes them to JSON; it is not a test. The defaults in
-`naivediffusion/train.py` cite what it measured.
+`naivediffusion/config.py` cite what it measured.
 
     python benchmarks/recipes.py                                   # the CPU comparison
     python benchmarks/recipes.py --steps 3000 --model mnist --batch-size 128 --device cuda
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from naivediffusion import viz
+from naivediffusion.config import TrainConfig
 from naivediffusion.likelihood import bits_per_dim
 from naivediffusion.quality import (
     load_classifier,
@@ -42,7 +43,7 @@ from naivediffusion.quality import (
     sample_quality,
     smudge_fraction,
 )
-from naivediffusion.train import TrainConfig, Trainer
+from naivediffusion.train import Trainer
 
 # The recipes compared by default: the MNIST recipe before this version (eps, L_simple, constant
 # 5e-4), the cosine decay with a larger rate, Min-SNR on top of it, and v-prediction instead of eps

@@ -40,10 +40,9 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from naivediffusion import Diffusion, UNet, pick_device
+from naivediffusion.config import COMPILE_MODES, TrainConfig
 from naivediffusion.data import InMemoryImages
 from naivediffusion.train import (
-    COMPILE_MODES,
-    TrainConfig,
     Trainer,
     adamw,
     ema_update_fn,

@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from naivediffusion.train import TrainConfig, Trainer
+from naivediffusion.config import TrainConfig
+from naivediffusion.train import Trainer
 
 
 def peak_memory_mib(device: torch.device) -> tuple[str, float]:

@@ -27,6 +27,7 @@ import torch
 from . import viz
 from .budget import pick_device
 from .checkpoint import PRETRAINED_PREFIX, load_model, pretrained_names, write_text_atomic
+from .config import COMPILE_MODES, CPU_DEFAULTS, DATASET_DEFAULTS, TrainConfig
 from .data import load_dataset
 from .diffusion import VARIANCES, Diffusion
 from .distributed import distributed_from_env, end_distributed
@@ -41,15 +42,8 @@ from .quality import (
     smudge_fraction,
     train_classifier,
 )
-from .train import (
-    COMPILE_MODES,
-    CPU_DEFAULTS,
-    DATASET_DEFAULTS,
-    TrainConfig,
-    Trainer,
-    TrainingDivergedError,
-    TrainingInterrupted,
-)
+from .runfolder import TrainingDivergedError
+from .train import Trainer, TrainingInterrupted
 
 EXIT_USAGE = 2
 

@@ -2,7 +2,7 @@
 
 A checkpoint is a dict written by `torch.save`: the header that `checkpoint_record` puts
 first ("format", "version", "kind"), then the step, the weights and the settings that rebuild
-the network and its noise process. The Trainer writes two kinds (train.py):
+the network and its noise process. The Trainer writes two kinds (train.py, runfolder.py):
 
 - checkpoint.pt ("checkpoint"): the full state of a run, from which it resumes exactly;
 - ema.pt ("ema"): the EMA weights and the settings only, the file to ship.
@@ -14,7 +14,8 @@ Files are written atomically (`write_atomic`) and read with `torch.load(weights_
 arguments of `UNet` and `Diffusion`) and hands back the run's settings, "train_config", as the
 plain dict they are stored as. So reading a model needs nothing of the training code: the
 chapters that only sample import this module, not the Trainer (whose `TrainConfig` can be
-rebuilt from that dict, as `Trainer.resume` does).
+rebuilt from that dict, as `Trainer.resume` does). A run that starts from another's weights
+(--init-from) gets them from `load_init_weights`.
 
 Models that ship with the package live in naivediffusion/pretrained/NAME.pt, with their record
 NAME.json beside them; everything that reads a checkpoint also takes "pretrained:NAME".
@@ -221,6 +222,42 @@ def load_model(path: str | os.PathLike, device="cpu", ema: bool = True) -> tuple
         "diffusion_config": checkpoint["diffusion_config"],
     }
     return model, diffusion, info
+
+
+# ------------------------------------------------------------ fine-tuning
+
+
+def load_init_weights(source: str, model_config: dict, process: dict) -> tuple[dict, dict]:
+    """The EMA weights of checkpoint `source` (a path, a run folder or "pretrained:NAME"), to
+    start a new run from (fine-tuning, --init-from); and what they are, {"path", "step",
+    "total_steps"}, for the new run's checkpoints to record.
+
+    Raises ValueError unless the checkpoint's network is the one `model_config` describes
+    (dropout aside) and its noise process has the "timesteps", "schedule" and "objective"
+    of `process`; CheckpointError if it holds no EMA weights.
+    """
+    start = load_checkpoint(source)
+    path = start["path"]
+    theirs = start.get("model_config") or {}
+    differ = [k for k in sorted(set(theirs) | set(model_config))
+              if k != "dropout" and theirs.get(k) != model_config.get(k)]
+    if differ:
+        was = ", ".join(f"{k} {theirs.get(k)!r} there, {model_config.get(k)!r} here" for k in differ)
+        trained = start.get("train_config") or {}
+        preset = f" (a {trained['model']!r} network)" if "model" in trained else ""
+        raise ValueError(f"--init-from {source}: its network{preset} is not this run's ({was}); "
+                         "pass the --model (and --class-conditional) it was trained with")
+    saved = start.get("diffusion_config") or {}
+    differ = [k for k in ("timesteps", "schedule", "objective") if saved.get(k) != process[k]]
+    if differ:
+        was = ", ".join(f"{k} {saved.get(k)!r} there, {process[k]!r} here" for k in differ)
+        raise ValueError(f"--init-from {source}: it learned another noise process ({was}); pass the "
+                         "same --timesteps, --schedule and --objective")
+    if "ema" not in start:
+        raise CheckpointError(f"--init-from {source}: {path} holds no EMA weights; give a run's "
+                              "checkpoint.pt or ema.pt")
+    return unwrap_state_dict(start["ema"]), {"path": str(path), "step": start.get("step"),
+                                             "total_steps": total_steps(start)}
 
 
 # ------------------------------------------------------------ shipped models

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torchvision
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from .distributed import check_global_batch
@@ -252,6 +252,24 @@ class InMemoryImages(Dataset):
             x = torch.where(flip_mask[:, None, None, None], x.flip(-1), x)
         return x, self.labels[indices]
 
+    def batches(self, sampler: "EpochBatchSampler", seed: int):
+        """An endless iterator of the batches `sampler` names (`batch`), cut where the images live.
+
+        Once per epoch the epoch's order (and, for a flipped dataset, one coin per image of
+        it, seeded from `seed` and the epoch, so a resumed run flips as the uninterrupted
+        one would) is copied to the device; each step is then an index into it, a gather of
+        uint8 images and one scaling kernel, with nothing sent from the host.
+        """
+        for epoch, position in sampler.epochs():
+            order = sampler.epoch_batches(epoch).to(self.device)
+            flips = None
+            if self.flip:
+                coins = torch.Generator().manual_seed(derive_seed(seed, "flip", epoch))
+                draws = torch.rand(sampler.batches_per_epoch, sampler.batch_size, generator=coins) < 0.5
+                flips = draws[:, sampler.rank_slice].to(self.device)
+            for i in range(position, sampler.batches_per_epoch):
+                yield self.batch(order[i], None if flips is None else flips[i])
+
 
 def _lookup(name: str) -> DatasetInfo:
     if name not in DATASETS:
@@ -384,3 +402,17 @@ class EpochBatchSampler(Sampler):
         for epoch, position in self.epochs():
             for batch in self.epoch_batches(epoch)[position:]:
                 yield batch.tolist()
+
+
+def batch_loader(dataset: Dataset, sampler: EpochBatchSampler, seed: int, device: torch.device,
+                 num_workers: int | None = None) -> DataLoader:
+    """A DataLoader of (images [B, C, H, W], labels [B]) from `dataset`, in the order of `sampler`.
+
+    Its worker processes (`num_workers`; None: up to 4 for a CUDA device, else none) are
+    seeded from `seed`: without a generator of its own the loader would draw their seeds from
+    the global generator and shift dropout's random stream. For CUDA its batches are pinned.
+    """
+    if num_workers is None:
+        num_workers = min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))

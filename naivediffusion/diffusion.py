@@ -34,6 +34,12 @@ def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
 
 
+def check_p_uncond(p_uncond: float) -> None:
+    """Raise ValueError unless `p_uncond`, the probability of dropping a label, is in [0, 1]."""
+    if not 0.0 <= p_uncond <= 1.0:
+        raise ValueError(f"p_uncond must be a probability in [0, 1] (0.1 is usual); got {p_uncond}")
+
+
 class Diffusion:
     """The DDPM forward and reverse processes for a fixed noise schedule.
 
@@ -353,7 +359,6 @@ class Diffusion:
         p_uncond: float = 0.0,
         null_label: int | None = None,
         generator: torch.Generator | None = None,
-        drop_mask: Tensor | None = None,
     ) -> Tensor:
         """L_simple (Eq. 14, Algorithm 1): E_{t, x0, eps} || target - model(x_t, t) ||^2.
 
@@ -380,20 +385,13 @@ class Diffusion:
             generator: a torch.Generator on x0's device for everything this function
                 draws (t, eps, then the drop mask), so training is reproducible; the global
                 generator if None. Nothing is drawn for the mask when `p_uncond` is 0.
-            drop_mask: optional bool [B], True where the label is replaced by `null_label`,
-                used instead of drawing one (like `t` and `noise`, so that a caller can draw
-                one global mask and give each process its slice); needs `labels` and
-                `null_label`, and then `p_uncond` is not used.
         Returns:
             scalar tensor (float32), the (weighted) mean squared error over all pixels.
         """
-        if not 0.0 <= p_uncond <= 1.0:
-            raise ValueError(f"p_uncond must be a probability in [0, 1]; got {p_uncond}")
-        if drop_mask is not None and labels is None:
-            raise ValueError("drop_mask needs labels: it says which labels to drop")
-        if labels is not None and (p_uncond > 0 or drop_mask is not None) and null_label is None:
+        check_p_uncond(p_uncond)
+        if labels is not None and p_uncond > 0 and null_label is None:
             raise ValueError(
-                "dropping labels (p_uncond > 0 or drop_mask) needs null_label, the label that means 'no class' "
+                "dropping labels (p_uncond > 0) needs null_label, the label that means 'no class' "
                 "(num_classes for UNet(num_classes=...))"
             )
         batch = x0.shape[0]
@@ -402,11 +400,7 @@ class Diffusion:
         if noise is None:
             noise = (torch.randn_like(x0) if generator is None
                      else torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator))
-        if drop_mask is not None:
-            if drop_mask.shape != (batch,):
-                raise ValueError(f"drop_mask must have shape [{batch}]; got {tuple(drop_mask.shape)}")
-            labels = labels.masked_fill(drop_mask.to(device=labels.device, dtype=torch.bool), null_label)
-        elif labels is not None and p_uncond > 0:
+        if labels is not None and p_uncond > 0:
             # One independent coin per sample; rand is in [0, 1), so p_uncond = 1 drops all.
             drop = torch.rand(batch, device=labels.device, generator=generator) < p_uncond
             labels = labels.masked_fill(drop, null_label)

@@ -9,11 +9,11 @@ With equal slices and each process's loss the mean over its slice, the average o
 N gradients is the gradient of the mean over the global batch: N processes take the
 very steps that one process with the whole batch would take (up to float rounding).
 
-This module holds what the Trainer (train.py) needs for that besides DDP itself: where this
-process stands (`distributed_from_env`), the process group (`init_distributed`,
-`end_distributed`), the rank's slice of a global draw (`rank_slice`; the data's is
-`data.EpochBatchSampler`'s), and the few numbers the processes agree on (`agree_on_stop`
-once per step, `mean_over_processes` once per log line).
+This module holds what the Trainer (train.py) needs for that: where this process stands
+(`distributed_from_env`), the process group (`init_distributed`, `end_distributed`), the
+network in DDP (`wrap_for_processes`), the rank's slice of a global draw (`rank_slice`; the
+data's is `data.EpochBatchSampler`'s), and the few numbers the processes agree on
+(`agree_on_stop` once per step, `mean_over_processes` once per log line).
 
     where = distributed_from_env()          # Distributed(world_size, rank, local_rank)
     device = init_distributed(where, device) if where.enabled else device
@@ -114,6 +114,18 @@ def end_distributed() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
+
+def wrap_for_processes(model: torch.nn.Module, where: Distributed, device: torch.device) -> torch.nn.Module:
+    """`model` in DistributedDataParallel under torchrun, else `model` itself.
+
+    DDP copies rank 0's weights to every process once, here, and from then on averages
+    the gradients over the processes during each backward(), so that every process's
+    optimizer takes the same step and the weights stay equal without being sent again.
+    """
+    if not where.enabled:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def rank_slice(tensor: Tensor, where: Distributed) -> Tensor:

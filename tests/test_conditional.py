@@ -13,7 +13,8 @@ from test_train import assert_same_state, tiny_config
 from naivediffusion import Diffusion
 from naivediffusion.__main__ import labels_path, main, parse_labels
 from naivediffusion.checkpoint import load_checkpoint, load_model
-from naivediffusion.train import TrainConfig, Trainer
+from naivediffusion.config import TrainConfig
+from naivediffusion.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,6 +71,36 @@ def test_train_step_passes_each_image_its_label_and_drops_them_per_image(tmp_pat
     torch.randint(0, 50, (64,), generator=generator)
     torch.randn((64, 1, 28, 28), generator=generator)
     assert torch.equal(dropped, torch.rand(64, generator=generator) < 0.5)
+
+
+@pytest.mark.parametrize("p_uncond", [0.0, 0.5])
+def test_train_step_drops_exactly_the_drawn_labels_and_draws_nothing_more(tmp_path, monkeypatch, p_uncond):
+    """The Trainer drops the labels itself: the network sees the batch's labels with exactly the
+    images whose coin came up set to the null class 10 (no coins at all when p_uncond is 0), the
+    loss drops none of its own, the caller's labels are left alone, and the noise generator ends
+    where t, eps and the coins leave it."""
+    trainer = Trainer(tiny_config(tmp_path / "run", class_conditional=True, p_uncond=p_uncond))
+    seen, real = [], trainer.network
+
+    def spy(x_t, t, labels):
+        seen.append(labels.clone())
+        return real(x_t, t, labels)
+
+    monkeypatch.setattr(trainer, "network", spy)
+    labels = torch.tensor([3, 1, 2, 0, 9, 4, 7, 5])
+    state = trainer.noise_generator.get_state()
+    trainer.train_step(torch.zeros(8, 1, 28, 28), labels)
+    generator = torch.Generator().set_state(state)
+    torch.randint(0, 50, (8,), generator=generator)
+    torch.randn((8, 1, 28, 28), generator=generator)
+    drop = torch.zeros(8, dtype=torch.bool)
+    if p_uncond > 0:
+        drop = torch.rand(8, generator=generator) < p_uncond
+        assert drop.any() and not drop.all()  # the mask matters in this batch
+    (given,) = seen
+    assert given.tolist() == labels.masked_fill(drop, 10).tolist()
+    assert labels.tolist() == [3, 1, 2, 0, 9, 4, 7, 5]
+    assert torch.equal(trainer.noise_generator.get_state(), generator.get_state())
 
 
 def test_train_step_needs_labels_exactly_when_conditional(tmp_path):

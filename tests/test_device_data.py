@@ -13,8 +13,9 @@ from test_data import make_cifar10, paper_scaling
 from test_train import tiny_config
 
 from naivediffusion.__main__ import main
+from naivediffusion.config import COMPILE_MODES, TrainConfig
 from naivediffusion.data import InMemoryImages, load_dataset
-from naivediffusion.train import COMPILE_MODES, TrainConfig, Trainer
+from naivediffusion.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -119,23 +119,10 @@ def test_the_generator_also_draws_t_and_eps_when_loss_draws_them():
     assert a.item() == b.item()
 
 
-def test_a_given_drop_mask_is_used_as_it_is():
-    d = Diffusion(timesteps=10)
-    model = LabelRecorder()
-    x0, labels = _batch(6)
-    mask = torch.tensor([True, False, False, True, True, False])
-    d.loss(model, x0, labels=labels, p_uncond=0.5, null_label=NULL, drop_mask=mask)
-    assert model.labels[-1].tolist() == [NULL, 1, 2, NULL, NULL, 0]
-    with pytest.raises(ValueError, match="needs labels"):
-        d.loss(model, x0, null_label=NULL, drop_mask=mask)
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"p_uncond": 0.1}, "null_label"), ({"p_uncond": -0.1, "null_label": NULL}, r"\[0, 1\]"),
-     ({"p_uncond": 1.5, "null_label": NULL}, r"\[0, 1\]"),
-     ({"drop_mask": torch.ones(4, dtype=torch.bool)}, "null_label"),
-     ({"drop_mask": torch.ones(3, dtype=torch.bool), "null_label": NULL}, r"shape \[4\]")],
+     ({"p_uncond": 1.5, "null_label": NULL}, r"\[0, 1\]")],
 )
 def test_bad_dropping_arguments(kwargs, match):
     d = Diffusion(timesteps=10)

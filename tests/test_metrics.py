@@ -419,7 +419,8 @@ def test_sample_quality_floor_is_far_below_noise_blur_and_shuffled_pixels(mnist_
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from naivediffusion.train import TrainConfig, Trainer
+    from naivediffusion.config import TrainConfig
+    from naivediffusion.train import Trainer
 
     run_dir = tmp_path_factory.mktemp("run")
     config = TrainConfig.for_dataset(

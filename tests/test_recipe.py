@@ -20,14 +20,9 @@ from naivediffusion.checkpoint import (
     pretrained_record,
     update_pretrained_record,
 )
+from naivediffusion.config import CPU_DEFAULTS, DATASET_DEFAULTS, TrainConfig, runs_on_cpu
 from naivediffusion.quality import load_images, noise_fraction, roughness, smudge_fraction
-from naivediffusion.train import (
-    CPU_DEFAULTS,
-    DATASET_DEFAULTS,
-    TrainConfig,
-    Trainer,
-    cosine_decay,
-)
+from naivediffusion.train import Trainer, cosine_decay
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -208,6 +203,19 @@ def test_cpu_defaults_unless_a_model_is_named():
     assert TrainConfig.for_dataset("mnist", device="cuda").model == "mnist"
     assert TrainConfig.for_dataset("fashion-mnist", device="cpu").model == "mnist-small"
     assert TrainConfig.for_dataset("cifar10", device="cpu").model == "ddpm-cifar10"
+
+
+@pytest.mark.parametrize("cuda, mps", [(False, False), (True, False), (False, True)])
+def test_runs_on_cpu_on_every_kind_of_machine(monkeypatch, cuda, mps):
+    """"auto" runs on the CPU only where there is no GPU; "cpu" always, "cuda" and "mps" never,
+    even where they are missing (pick_device would refuse them), and an unknown name is no CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert runs_on_cpu("auto") is (not cuda and not mps)
+    assert runs_on_cpu() is (not cuda and not mps)
+    assert runs_on_cpu("cpu") is True
+    assert runs_on_cpu("cuda") is False and runs_on_cpu("mps") is False
+    assert runs_on_cpu("tpu") is False
 
 
 def test_bad_recipe_flags_exit_2_and_write_nothing(tmp_path, capsys):

@@ -23,11 +23,11 @@ from naivediffusion.checkpoint import (
     save_atomic,
     unwrap_state_dict,
 )
+from naivediffusion.config import TrainConfig
 from naivediffusion.data import EpochBatchSampler
+from naivediffusion.runfolder import TrainingDivergedError
 from naivediffusion.train import (
-    TrainConfig,
     Trainer,
-    TrainingDivergedError,
     adamw,
     ema_update_fn,
     linear_warmup,
