@@ -98,8 +98,10 @@ def test_sizes_come_from_the_budget(path):
     `chapter_work` counts. (A chapter may still choose *what* to run by the name.)"""
     code = code_of(path)
     assert not re.search(r'\{\s*"ci"\s*:', code), "a size chosen from a dict keyed by budget names"
-    assert not re.search(r'\bif budget\.name\s*[!=]=\s*"\w+"\s*else\b', code), (
+    assert not re.search(r'\b\d[\d_]*\s+if\s+budget\.name\s*[!=]=\s*"\w+"\s*else\s+\d', code), (
         "a size chosen by the budget's name in a conditional expression")
+    assert re.search(r'\b\d[\d_]*\s+if\s+budget\.name\s*[!=]=\s*"\w+"\s*else\s+\d',
+                     'pool_size = 10_000 if budget.name == "ci" else 60_000')  # what it catches
     fields = set(re.findall(r"\bbudget\.(\w+)", code)) - {"name", "describe_cost"}
     assert fields <= set(budget.Budget.__dataclass_fields__), fields
     if path.stem not in budget.chapter_work(budget.BUDGETS["cpu"]):
