@@ -72,6 +72,7 @@ from .distributed import (
     mean_over_processes,
     rank_slice,
 )
+from .sampling import DDIM_STEPS
 from .unet import UNet
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -184,7 +185,7 @@ class TrainConfig:
     sample_every: int = 10_000
     checkpoint_every: int = 5_000
     num_sample_images: int = 64
-    sample_steps: int = 50  # DDIM steps for the sample grids written while training
+    sample_steps: int = DDIM_STEPS  # DDIM steps for the sample grids written while training
     num_workers: int | None = None  # None: 0 on a CPU, up to 4 with CUDA
     data_root: str | None = None  # None: $NAIVEDIFFUSION_DATA, else a cache folder
 
