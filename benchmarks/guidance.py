@@ -31,22 +31,22 @@ import time
 import torch
 
 from naivediffusion import quality
-from naivediffusion.__main__ import DEFAULT_ETA, resolve_eta
-from naivediffusion.__main__ import draw as draw_batches
 from naivediffusion.checkpoint import (
     PRETRAINED_PREFIX,
     load_model,
     pretrained_record,
     update_pretrained_record,
 )
+from naivediffusion.sampling import DDIM_STEPS, DEFAULT_ETA
+from naivediffusion.sampling import draw as draw_batches
 
 
 def draw(diffusion, model, info, n, args, labels=None, w=0.0):
     """n DDIM samples on the CPU, as `sample` draws them, from the seed and eta of args."""
-    settings = argparse.Namespace(sampler="ddim", steps=args.steps, eta=args.eta, no_progress=True,
-                                  batch_size=args.batch_size)
-    return draw_batches(diffusion, model, info, n, settings, torch.Generator().manual_seed(args.seed),
-                        labels, w)
+    return draw_batches(diffusion, model, n, info["image_shape"], sampler="ddim", steps=args.steps,
+                        eta=args.eta, batch_size=args.batch_size,
+                        generator=torch.Generator().manual_seed(args.seed), labels=labels, guidance=w,
+                        progress=False)
 
 
 def main() -> None:
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--unconditional", default="pretrained:mnist")
     parser.add_argument("--weights", default="0,0.5,1,2,3,5,7", help="comma-separated w values")
     parser.add_argument("--n", type=int, default=1000, help="samples per weight (default: 1000)")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
+    parser.add_argument("--steps", type=int, default=DDIM_STEPS, help=f"DDIM steps (default: {DDIM_STEPS})")
     parser.add_argument("--eta", type=float, default=DEFAULT_ETA,
                         help=f"DDIM noise of every draw, 0 to 1 (default: {DEFAULT_ETA:g}, as `sample`)")
     parser.add_argument("--seed", type=int, default=0)
@@ -67,10 +67,9 @@ def main() -> None:
                         "only the unconditional model (needs --write-provenance)")
     args = parser.parse_args()
     weights = [float(w) for w in args.weights.split(",")]
-    try:
-        resolve_eta(argparse.Namespace(sampler="ddim", eta=args.eta))  # the command line's check
-    except ValueError as err:
-        parser.error(str(err))
+    if not 0.0 <= args.eta <= 1.0:  # as `sample --eta` checks it
+        parser.error(f"--eta must be from 0 (deterministic DDIM) to 1 (fresh noise at every step); "
+                     f"got {args.eta:g}")
     if args.write_provenance and not args.checkpoint.startswith(PRETRAINED_PREFIX):
         parser.error("--write-provenance needs a pretrained:NAME checkpoint")
     name = args.checkpoint[len(PRETRAINED_PREFIX):]

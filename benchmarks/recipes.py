@@ -43,6 +43,7 @@ from naivediffusion.quality import (
     sample_quality,
     smudge_fraction,
 )
+from naivediffusion.sampling import DDIM_STEPS, draw
 from naivediffusion.train import Trainer
 
 # The recipes compared by default: the MNIST recipe before this version (eps, L_simple, constant
@@ -73,11 +74,8 @@ def score(trainer: Trainer, n: int, sample_steps: int, bpd_images: int, bpd_time
           seed: int, grid_path: str) -> dict:
     model, diffusion, device = trainer.ema.module, trainer.diffusion, trainer.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    samples = torch.cat([
-        diffusion.sample(model, (min(250, n - i), *trainer.image_shape), sampler="ddim",
-                         steps=sample_steps, generator=generator, progress=False, device=device).cpu()
-        for i in range(0, n, 250)
-    ])
+    samples = draw(diffusion, model, n, trainer.image_shape, sampler="ddim", steps=sample_steps, eta=0.0,
+                   batch_size=250, generator=generator, progress=False)
     classifier = load_classifier(trainer.config.dataset)
     quality = sample_quality(samples, trainer.config.dataset, classifier=classifier, seed=seed)
     viz.save_grid(samples[:64], grid_path, nrow=8)
@@ -102,7 +100,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="default: cpu")
     parser.add_argument("--seed", type=int, default=0, help="default: 0")
     parser.add_argument("--n", type=int, default=500, help="samples scored per recipe (default: 500)")
-    parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps (default: 50)")
+    parser.add_argument("--sample-steps", type=int, default=DDIM_STEPS, help=f"DDIM steps (default: {DDIM_STEPS})")
     parser.add_argument("--bpd-images", type=int, default=128, help="test images for bits/dim (default: 128)")
     parser.add_argument("--bpd-timesteps", type=int, default=50, help="terms of the bound (default: 50)")
     parser.add_argument("--recipe", action="append", metavar="NAME:FIELD=VALUE,...",

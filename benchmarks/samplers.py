@@ -28,9 +28,10 @@ import time
 import torch
 
 from naivediffusion import quality
-from naivediffusion.__main__ import draw
 from naivediffusion.checkpoint import PRETRAINED_PREFIX, load_model, update_pretrained_record
-from naivediffusion.diffusion import Diffusion
+from naivediffusion.config import DEVICES
+from naivediffusion.diffusion import VARIANCES, Diffusion
+from naivediffusion.sampling import DDIM_STEPS, draw
 
 
 def parse_setting(text: str) -> dict:
@@ -43,7 +44,7 @@ def parse_setting(text: str) -> dict:
             steps = eta = None
         if steps is not None and steps >= 1 and 0 <= eta <= 1:
             return {"sampler": "ddim", "steps": steps, "eta": eta, "variance": None}
-    if parts[0] == "ddpm" and len(parts) == 2 and parts[1] in ("beta", "posterior"):
+    if parts[0] == "ddpm" and len(parts) == 2 and parts[1] in VARIANCES:
         return {"sampler": "ddpm", "steps": None, "eta": 0.0, "variance": parts[1]}
     raise ValueError(f"unknown sampler setting {text!r}: write ddim:STEPS:ETA (STEPS >= 1, 0 <= ETA <= 1), "
                      "e.g. ddim:50:1, or ddpm:beta or ddpm:posterior")
@@ -59,15 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="pretrained:mnist",
                         help="a run's ema.pt or checkpoint.pt, or pretrained:NAME (default: pretrained:mnist)")
-    parser.add_argument("--samplers", default="ddim:50:0,ddim:50:1",
+    parser.add_argument("--samplers", default=f"ddim:{DDIM_STEPS}:0,ddim:{DDIM_STEPS}:1",
                         help="comma-separated settings ddim:STEPS:ETA or ddpm:beta|posterior "
-                        "(default: ddim:50:0,ddim:50:1)")
+                        f"(default: ddim:{DDIM_STEPS}:0,ddim:{DDIM_STEPS}:1)")
     parser.add_argument("--n", type=int, default=1000, help="samples per setting (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="the seed of every setting (default: 0)")
     parser.add_argument("--batch-size", type=int, default=256,
                         help="images drawn at once; with the same seed, `sample` and `evaluate` at "
                         "this batch size draw the same images (default: 256)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
+    parser.add_argument("--device", default="cpu", choices=[d for d in DEVICES if d != "auto"])
     parser.add_argument("--write-provenance", action="store_true",
                         help="record the rows as 'sampler_measurement' in the shipped model's NAME.json "
                         "(needs a pretrained:NAME checkpoint)")
@@ -94,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     for setting in settings:
         variant = diffusion if setting["variance"] is None else Diffusion(
             **{**diffusion.config, "variance": setting["variance"]})
-        how = argparse.Namespace(sampler=setting["sampler"], steps=setting["steps"], eta=setting["eta"],
-                                 batch_size=args.batch_size, no_progress=True)
         start = time.perf_counter()
-        images = draw(variant, model, info, args.n, how, torch.Generator(device=args.device).manual_seed(args.seed))
+        images = draw(variant, model, args.n, info["image_shape"], sampler=setting["sampler"],
+                      steps=setting["steps"], eta=setting["eta"], batch_size=args.batch_size,
+                      generator=torch.Generator(device=args.device).manual_seed(args.seed), progress=False)
         seconds = time.perf_counter() - start
         # The package's classifier (the one above): its reference statistics are computed once.
         scores = quality.sample_quality(images, dataset, seed=args.seed)

@@ -30,6 +30,7 @@ rows are printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -40,8 +41,9 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from naivediffusion import Diffusion, UNet, pick_device
-from naivediffusion.config import COMPILE_MODES, TrainConfig
+from naivediffusion.config import COMPILE_MODES, PRECISIONS, TrainConfig
 from naivediffusion.data import InMemoryImages
+from naivediffusion.sampling import DDIM_STEPS
 from naivediffusion.train import (
     Trainer,
     adamw,
@@ -100,6 +102,26 @@ def diffusers_twin(model: UNet):
         attention_head_dim=head_dim.pop(), norm_num_groups=min(groups, min(channels)),
         dropout=cfg["dropout"], time_embedding_type="positional", flip_sin_to_cos=False, freq_shift=1,
     )
+
+
+@contextlib.contextmanager
+def compile_backend(backend: str):
+    """Inside the block, torch.compile compiles with `backend` whatever mode it is asked for
+    (the Trainer passes only the mode); after it, torch.compile is the real one again.
+    "inductor", torch.compile's own default, changes nothing."""
+    if backend == "inductor":
+        yield
+        return
+    real_compile = torch.compile
+
+    def compile_with_backend(model, mode=None, **kwargs):
+        return real_compile(model, backend=backend)
+
+    torch.compile = compile_with_backend
+    try:
+        yield
+    finally:
+        torch.compile = real_compile
 
 
 class Contestant:
@@ -228,10 +250,11 @@ def time_rounds(contestants, device, steps: int, rounds: int, warmup: int) -> No
 
 
 def sampling_overhead(args, device, precision) -> dict:
-    """DDIM-50 of n images against 50 bare network calls on the same batch."""
+    """DDIM of n images with the default DDIM_STEPS (50) against as many bare network calls on
+    the same batch."""
     model = UNet.from_preset(args.model, **({"base_channels": 8} if args.dry_run else {})).to(device).eval()
     diffusion = Diffusion(1000, "linear", "eps")
-    n, steps = args.sampling, 50
+    n, steps = args.sampling, DDIM_STEPS
     shape = (n, model.config["in_channels"], model.config["image_size"], model.config["image_size"])
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
@@ -264,7 +287,7 @@ def main() -> None:
     parser.add_argument("--model", default="ddpm-cifar10", choices=sorted(DATASET_OF), help="default: ddpm-cifar10")
     parser.add_argument("--batch-size", type=int, help="default: 128 on a GPU, 16 on a CPU")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--compile", default="none",
                         help="comma-separated torch.compile modes to compare, from "
                         f"{', '.join(COMPILE_MODES)} (default: none)")
@@ -277,7 +300,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default: 5)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     parser.add_argument("--sampling", type=int, metavar="N",
-                        help="also time DDIM-50 of N images against its 50 network calls")
+                        help=f"also time DDIM-{DDIM_STEPS} of N images against its {DDIM_STEPS} network calls")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile's backend (default: inductor, the one that makes code); "
@@ -289,13 +312,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.dry_run and args.compile_backend == "inductor":
         args.compile_backend = "aot_eager"
-    if args.compile_backend != "inductor":
-        real_compile = torch.compile
-
-        def compile_with_backend(model, mode=None, **kwargs):  # the Trainer passes only the mode
-            return real_compile(model, backend=args.compile_backend)
-
-        torch.compile = compile_with_backend
 
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
@@ -316,7 +332,7 @@ def main() -> None:
         if not args.no_diffusers:
             print("diffusers is not installed (pip install diffusers): timing our network only")
 
-    with tempfile.TemporaryDirectory() as scratch:
+    with compile_backend(args.compile_backend), tempfile.TemporaryDirectory() as scratch:
         contestants = []
         for i, mode in enumerate(modes):
             contestants.append(ours(args, device, precision, mode, True, f"{scratch}/ours{i}"))

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 
 from naivediffusion.__main__ import main as naivediffusion_main
+from naivediffusion.config import DEVICES
+from naivediffusion.sampling import DDIM_STEPS
 
 MAX_SMUDGES = 0.02  # at most 1 in 50 samples
 MAX_FD_OVER_FLOOR = 2.0
@@ -68,7 +70,7 @@ def measure(checkpoint: str, args, scratch: Path) -> dict:
     return result
 
 
-def verdict(result: dict, n: int, steps: int = 50) -> dict:
+def verdict(result: dict, n: int, steps: int = DDIM_STEPS) -> dict:
     """The three targets, each with the number that decides it and whether it is met."""
     draws = result["draws"]
     smudges = sum(d["smudges"] for d in draws) / len(draws)
@@ -88,14 +90,14 @@ def main(argv: list[str] | None = None) -> int:
                         "again to compare models (default: pretrained:mnist)")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="one draw of --n samples per seed (default: 0,1,2,3,4)")
     parser.add_argument("--n", type=int, default=1000, help="samples per draw (default: 1000, the target's)")
-    parser.add_argument("--steps", type=int, default=50,
-                        help="DDIM steps of the draws, at the command line's default eta (default: 50, "
-                        "the target's for the smudges)")
+    parser.add_argument("--steps", type=int, default=DDIM_STEPS,
+                        help="DDIM steps of the draws, at the command line's default eta (default: "
+                        f"{DDIM_STEPS}, the command line's and the target's for the smudges)")
     parser.add_argument("--bpd-images", type=int, default=1000, help="test images for bits/dim (default: 1000)")
     parser.add_argument("--bpd-timesteps", type=int, default=100,
                         help="terms of the bound, a stratified estimate of all T (default: 100)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per model call (default: 256)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     parser.add_argument("--dry-run", action="store_true",
                         help="toy sizes (20 samples, 2 seeds, 8 test images, 3 terms): checks that it runs")

@@ -1,12 +1,17 @@
-"""The command line: ``python -m naivediffusion train | sample`` (or the ``naivediffusion`` script).
+"""The command line: ``python -m naivediffusion train | sample | evaluate | train-classifier``
+(or the ``naivediffusion`` script).
 
     python -m naivediffusion train --dataset mnist                  # about 10 minutes on a T4
     python -m naivediffusion train --resume --run-dir runs/mnist    # continue after a crash
     torchrun --nproc_per_node=4 -m naivediffusion train --dataset cifar10   # 4 GPUs, one global batch
     python -m naivediffusion sample --checkpoint runs/mnist/ema.pt --n 64 --out grid.png
+    python -m naivediffusion evaluate --checkpoint runs/mnist/ema.pt --metric fid --n 1000
+    python -m naivediffusion train-classifier --dataset fashion-mnist   # the quality score's features
 
 Each subcommand is one function that adds its parser (`add_train_parser`, ...) and one
-that runs it; `SUBCOMMANDS` lists the adders. Mistakes in the input (an unknown
+that runs it; `SUBCOMMANDS` lists the adders. The flags' choices come from the package's
+constants (`config.DEVICES`, `sampling.SAMPLERS`, ...), and drawing images is
+`sampling.draw`, the same function the benchmarks use. Mistakes in the input (an unknown
 dataset, a missing or foreign checkpoint, an image size the network cannot take, a
 diverged run) end with exit status 2 and one line on stderr that says what to do.
 """
@@ -20,6 +25,7 @@ import math
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,10 +33,18 @@ import torch
 from . import viz
 from .budget import pick_device
 from .checkpoint import PRETRAINED_PREFIX, load_model, pretrained_names, write_text_atomic
-from .config import COMPILE_MODES, CPU_DEFAULTS, DATASET_DEFAULTS, TrainConfig
-from .data import load_dataset
-from .diffusion import VARIANCES, Diffusion
-from .distributed import distributed_from_env, end_distributed
+from .config import (
+    COMPILE_MODES,
+    CPU_DEFAULTS,
+    DATASET_DEFAULTS,
+    DEVICES,
+    LR_SCHEDULES,
+    PRECISIONS,
+    TrainConfig,
+)
+from .data import DATASETS, VALID_NAMES, load_dataset
+from .diffusion import OBJECTIVES, VARIANCES, WEIGHTINGS, Diffusion
+from .distributed import distributed_from_env, end_distributed, lost_another_process
 from .likelihood import bits_per_dim
 from .quality import (
     class_probabilities,
@@ -43,9 +57,20 @@ from .quality import (
     train_classifier,
 )
 from .runfolder import TrainingDivergedError
+from .sampling import DDIM_STEPS, DEFAULT_ETA, SAMPLERS, draw
+from .schedule import SCHEDULES
 from .train import Trainer, TrainingInterrupted
 
 EXIT_USAGE = 2
+
+_DEVICE_HELP = "auto: cuda, else mps, else cpu (default: auto)"
+_NO_PROGRESS_HELP = "no progress bar (default: shown)"
+
+
+def _quoted(names) -> str:
+    """'"a", "b" or "c"': the names as a help text lists them."""
+    names = [f'"{name}"' for name in names]
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
 
 
 def _per_dataset(what: str, name: str) -> str:
@@ -75,81 +100,98 @@ def add_train_parser(subparsers) -> None:
                     "global batch (a multiple of N), each process takes 1/N of it, only rank 0 "
                     "writes files, and --resume works with any N.",
     )
-    p.add_argument("--dataset", help='"mnist", "fashion-mnist", "cifar10" or "folder:PATH" '
-                   "(required for a new run)")
-    p.add_argument("--run-dir", help="folder for the log, samples and checkpoints "
+    _add_essential_flags(p.add_argument_group("essential", "what to train, where, and for how long"))
+    _add_network_flags(p.add_argument_group("network", "the U-Net and what it learns to draw"), defaults)
+    _add_recipe_flags(p.add_argument_group("recipe", "the noise process and the optimisation"), defaults)
+    _add_performance_flags(p.add_argument_group("performance", "where and how fast the steps run"))
+    _add_run_control_flags(p.add_argument_group("run control", "what the run writes and shows"), defaults)
+    p.set_defaults(run=run_train)
+
+
+def _add_essential_flags(g) -> None:
+    g.add_argument("--dataset", help=f"{_quoted(VALID_NAMES)} (required for a new run)")
+    g.add_argument("--run-dir", help="folder for the log, samples and checkpoints "
                    "(default: runs/DATASET)")
-    p.add_argument("--resume", action="store_true",
+    g.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its checkpoint.pt (its settings are "
                    "kept; --steps may be raised; default: off)")
-    p.add_argument("--steps", type=int, help=_per_dataset("training steps", "steps"))
-    p.add_argument("--batch-size", type=int, help=_per_dataset("images per step (under torchrun: over "
-                                                               "all processes together)", "batch_size"))
-    p.add_argument("--lr", type=float, help=_per_dataset("peak learning rate of AdamW", "lr"))
-    p.add_argument("--warmup-steps", type=int, help=_per_dataset("steps of linear learning-rate warm-up", "warmup_steps"))
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"),
-                   help=_per_dataset("learning rate after the warm-up: constant, or a cosine decay "
-                                     "to 0 at the end of the run", "lr_schedule"))
-    p.add_argument("--loss-weighting", choices=("none", "min-snr"),
-                   help=_per_dataset("weight of each timestep's error: none (L_simple, Eq. 14) or "
-                                     "min-snr (Min-SNR-gamma, Hang et al. 2023)", "loss_weighting"))
-    p.add_argument("--min-snr-gamma", type=float,
-                   help=f"gamma of --loss-weighting min-snr (default: {defaults.min_snr_gamma:g})")
-    p.add_argument("--max-minutes", type=float,
+    g.add_argument("--steps", type=int, help=_per_dataset("training steps", "steps"))
+    g.add_argument("--max-minutes", type=float,
                    help="stop after this many minutes of training steps, with a final checkpoint "
                    "and ema.pt as if --steps were reached; the learning-rate schedule plans for "
                    "the step the measured speed reaches by then (default: no limit)")
-    p.add_argument("--init-from", metavar="CHECKPOINT",
+    g.add_argument("--init-from", metavar="CHECKPOINT",
                    help="fine-tune: start from the EMA weights of this checkpoint (a run's checkpoint.pt "
                         "or ema.pt, or pretrained:NAME) with a new optimizer and schedule; it must "
                         "have this run's network and noise process (default: random weights)")
-    p.add_argument("--class-conditional", action="store_true", default=None,
-                   help="learn to draw a chosen class (sample --label K), with classifier-free "
-                   "guidance (sample --guidance W) (default: off)")
-    p.add_argument("--p-uncond", type=float,
-                   help="with --class-conditional: probability that each training image's label "
-                   f"is dropped, so the network also learns unconditional eps (default: {defaults.p_uncond:g})")
-    p.add_argument("--grad-clip", type=float, help="max gradient norm, 0 for none "
-                   f"(default: {defaults.grad_clip:g})")
-    p.add_argument("--ema-decay", type=float, help=_per_dataset("decay of the EMA of the weights", "ema_decay"))
-    p.add_argument("--model", help=_per_dataset("UNet preset", "model"))
-    p.add_argument("--base-channels", type=int,
+
+
+def _add_network_flags(g, defaults: TrainConfig) -> None:
+    g.add_argument("--model", help=_per_dataset("UNet preset", "model"))
+    g.add_argument("--base-channels", type=int,
                    help="override the preset's base channel count, e.g. 8 for a tiny, fast "
                    "network (default: the preset's)")
-    p.add_argument("--dropout", type=float, help="dropout rate (default: the preset's)")
-    p.add_argument("--image-size", type=int, help="resize images to this side length "
+    g.add_argument("--dropout", type=float, help="dropout rate (default: the preset's)")
+    g.add_argument("--image-size", type=int, help="resize images to this side length "
                    "(default: the dataset's own size)")
-    p.add_argument("--timesteps", type=int, help=f"T (default: {defaults.timesteps})")
-    p.add_argument("--schedule", choices=("linear", "cosine"),
-                   help=f"noise schedule (default: {defaults.schedule})")
-    p.add_argument("--objective", choices=("eps", "x0", "v"),
+    g.add_argument("--class-conditional", action="store_true", default=None,
+                   help="learn to draw a chosen class (sample --label K), with classifier-free "
+                   "guidance (sample --guidance W) (default: off)")
+    g.add_argument("--p-uncond", type=float,
+                   help="with --class-conditional: probability that each training image's label "
+                   f"is dropped, so the network also learns unconditional eps (default: {defaults.p_uncond:g})")
+
+
+def _add_recipe_flags(g, defaults: TrainConfig) -> None:
+    g.add_argument("--timesteps", type=int, help=f"T (default: {defaults.timesteps})")
+    g.add_argument("--schedule", choices=SCHEDULES, help=f"noise schedule (default: {defaults.schedule})")
+    g.add_argument("--objective", choices=OBJECTIVES,
                    help=f"what the network predicts (default: {defaults.objective})")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"),
-                   help="auto: cuda, else mps, else cpu (default: auto)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+    g.add_argument("--batch-size", type=int, help=_per_dataset("images per step (under torchrun: over "
+                                                               "all processes together)", "batch_size"))
+    g.add_argument("--lr", type=float, help=_per_dataset("peak learning rate of AdamW", "lr"))
+    g.add_argument("--warmup-steps", type=int, help=_per_dataset("steps of linear learning-rate warm-up", "warmup_steps"))
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                   help=_per_dataset("learning rate after the warm-up: constant, or a cosine decay "
+                                     "to 0 at the end of the run", "lr_schedule"))
+    g.add_argument("--loss-weighting", choices=WEIGHTINGS,
+                   help=_per_dataset("weight of each timestep's error: none (L_simple, Eq. 14) or "
+                                     "min-snr (Min-SNR-gamma, Hang et al. 2023)", "loss_weighting"))
+    g.add_argument("--min-snr-gamma", type=float,
+                   help=f"gamma of --loss-weighting min-snr (default: {defaults.min_snr_gamma:g})")
+    g.add_argument("--grad-clip", type=float, help="max gradient norm, 0 for none "
+                   f"(default: {defaults.grad_clip:g})")
+    g.add_argument("--ema-decay", type=float, help=_per_dataset("decay of the EMA of the weights", "ema_decay"))
+    g.add_argument("--seed", type=int, help=f"random seed; the same seed gives the same weights "
+                   f"on a CPU (default: {defaults.seed})")
+
+
+def _add_performance_flags(g) -> None:
+    g.add_argument("--device", choices=DEVICES, help=_DEVICE_HELP)
+    g.add_argument("--precision", choices=PRECISIONS,
                    help="auto: bf16 on GPUs that have it, fp16 on older GPUs such as the T4, "
                    "fp32 on CPU (default: auto)")
-    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+    g.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
                    help="torch.compile the network in MODE, one of " + ", ".join(COMPILE_MODES) +
                    " (the flag alone: default; reduce-overhead also replays the kernels as CUDA "
                    "graphs on a GPU): faster steps after slow first ones (default: none)")
-    p.add_argument("--data-on-host", dest="data_on_device", action="store_false", default=None,
+    g.add_argument("--data-on-host", dest="data_on_device", action="store_false", default=None,
                    help="read the images through a DataLoader instead of holding the whole "
                    "dataset on the device as uint8 (default: on the device, except folders and "
                    "resized images)")
-    p.add_argument("--seed", type=int, help=f"random seed; the same seed gives the same weights "
-                   f"on a CPU (default: {defaults.seed})")
-    p.add_argument("--log-every", type=int, help=_per_dataset("steps between lines of log.jsonl", "log_every"))
-    p.add_argument("--sample-every", type=int, help=_per_dataset("steps between sample grids", "sample_every"))
-    p.add_argument("--checkpoint-every", type=int, help=_per_dataset("steps between checkpoints", "checkpoint_every"))
-    p.add_argument("--num-sample-images", type=int,
-                   help=f"images per sample grid (default: {defaults.num_sample_images})")
-    p.add_argument("--num-workers", type=int,
+    g.add_argument("--num-workers", type=int,
                    help="data loading processes (default: 0 on a CPU, up to 4 with CUDA)")
-    p.add_argument("--data-root", help="folder of the datasets (default: $NAIVEDIFFUSION_DATA, "
+
+
+def _add_run_control_flags(g, defaults: TrainConfig) -> None:
+    g.add_argument("--log-every", type=int, help=_per_dataset("steps between lines of log.jsonl", "log_every"))
+    g.add_argument("--sample-every", type=int, help=_per_dataset("steps between sample grids", "sample_every"))
+    g.add_argument("--checkpoint-every", type=int, help=_per_dataset("steps between checkpoints", "checkpoint_every"))
+    g.add_argument("--num-sample-images", type=int,
+                   help=f"images per sample grid (default: {defaults.num_sample_images})")
+    g.add_argument("--data-root", help="folder of the datasets (default: $NAIVEDIFFUSION_DATA, "
                    "else ~/.cache/naivediffusion/data)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
-    p.set_defaults(run=run_train)
+    g.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_HELP)
 
 
 # Flags of `train` that map one to one onto TrainConfig fields.
@@ -195,7 +237,7 @@ def run_train(args) -> int:
     try:
         result = trainer.train(progress=not args.no_progress)
     except RuntimeError as err:
-        if trainer.dist.enabled and _lost_another_process(err):
+        if trainer.dist.enabled and lost_another_process(err):
             raise ValueError(f"another process of this run failed, so this one stops too: its error is "
                              f"printed above, and torchrun's report names it ({_first_line(err)})") from err
         raise
@@ -215,86 +257,59 @@ def run_train(args) -> int:
     return 0
 
 
-def _lost_another_process(err: RuntimeError) -> bool:
-    """Whether `err` is torch.distributed saying that another process of the run is gone: gloo
-    finds the connection closed, nccl raises a DistError. The process that failed has printed
-    its own error; this one should only say why it stops."""
-    if isinstance(err, torch.distributed.DistError):
-        return True
-    return "Connection closed by peer" in str(err) or "Connection reset by peer" in str(err)
-
-
 def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
-# ------------------------------------------------------------------ sample
+# ------------------------------------------------------------------ sample and evaluate: shared
 
 _CHECKPOINT_HELP = ("a run's ema.pt or checkpoint.pt, the run folder, or a model shipped with the "
                     f"package: {', '.join(PRETRAINED_PREFIX + n for n in pretrained_names())} (required)")
+_ETA_HELP = (f"DDIM noise, from 0 (deterministic) to 1 (fresh noise at every step, the posterior "
+             f"variance of each jump; all T steps at eta 1 are DDPM with sigma^2 = beta-tilde) "
+             f"(default: {DEFAULT_ETA:g}, measured best for the shipped models)")
+_VARIANCE_HELP = (
+    "the reverse steps' fixed variance sigma_t^2 for bits/dim and the ddpm sampler: beta (beta_t) or "
+    "posterior (beta-tilde_t of Eq. 7). Training's L_simple has no sigma, so the same network takes "
+    "either (Sec. 3.2: similar samples); posterior gives a tighter bound (default: the checkpoint's)")
 
 
-def add_sample_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "sample", help="draw images from a trained model (its EMA weights)",
-        description="Draw images with the EMA weights of a checkpoint and save them as a grid.",
-    )
-    p.add_argument("--checkpoint", required=True,
-                   help=_CHECKPOINT_HELP)
-    p.add_argument("--n", type=int, default=64,
-                   help="number of images, or with --label the number of each class (default: 64)")
-    p.add_argument("--label", action="append", metavar="K",
-                   help="class-conditional models: draw class K (an index, e.g. 7 for the digit 7); "
-                   "repeat it or give a range such as 0-9 to draw --n of each, one row per class "
-                   "(default: no label, any class)")
-    p.add_argument("--guidance", type=float, default=None, metavar="W",
-                   help="classifier-free guidance weight w >= 0 with --label: eps = (1 + w) eps(x, c) "
-                   "- w eps(x); 0 is plain conditional sampling; s = 1 + w in other codebases "
-                   "(default: 0)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim",
-                   help="ddpm: Algorithm 2 over all T steps; ddim: Song et al. 2021 over --steps "
-                   "(default: ddim)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="DDIM steps (default: 50, or T if smaller; ddpm always runs all T)")
-    p.add_argument("--eta", type=float, default=None, help=_ETA_HELP)
-    p.add_argument("--variance", choices=VARIANCES, default=None, help=_VARIANCE_HELP)
-    p.add_argument("--out", default="grid.png", help="PNG file for the grid (default: grid.png)")
-    p.add_argument("--nrow", type=int, default=None, help="images per row (default: sqrt of --n)")
-    p.add_argument("--save-samples", metavar="PATH", default=None,
-                   help="also save the images as one uint8 tensor [N, C, H, W] with torch.save, and "
-                   "with --label their labels [N] beside it as PATH's stem + .labels.pt (default: not saved)")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed and --batch-size draw the same images (default: 0)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                   help="auto: cuda, else mps, else cpu (default: auto)")
-    p.add_argument("--batch-size", type=int, default=256,
-                   help="images drawn at once (default: 256)")
-    p.add_argument("--compile", nargs="?", const="default", default="none", choices=COMPILE_MODES,
-                   metavar="MODE",
-                   help="torch.compile the network in MODE, one of " + ", ".join(COMPILE_MODES) +
-                   " (the flag alone: default; reduce-overhead replays each call as a CUDA graph "
-                   "on a GPU); pays off for many images drawn with one batch size (default: none)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
-    p.set_defaults(run=run_sample)
+def _load(args, device):
+    """The EMA model, its diffusion and info, for `sample` and `evaluate`: `load_model`, with
+    the reverse variance that --variance names (the network is the same for either)."""
+    model, diffusion, info = load_model(args.checkpoint, device=device, ema=True)
+    if args.variance is not None:
+        if args.sampler == "ddim" and getattr(args, "metric", "fid") == "fid":
+            raise ValueError("--variance applies to --sampler ddpm and --metric bpd; DDIM's noise "
+                             "is set by --eta")
+        diffusion = Diffusion(**{**diffusion.config, "variance": args.variance})
+    return model, diffusion, info
 
 
-def parse_labels(values: list[str], num_classes: int) -> list[int]:
-    """The classes named by --label values such as "7" or "0-9", in order, checked against
-    the model's `num_classes`."""
-    labels = []
-    for value in values:
-        first, dash, last = value.partition("-")
-        try:
-            span = range(int(first), int(last) + 1) if dash else [int(first)]
-        except ValueError:
-            raise ValueError(f"--label {value!r} is not a class index or a range such as 0-9") from None
-        if not span:
-            raise ValueError(f"--label {value} is an empty range; write it low-high, e.g. 0-9")
-        for label in span:
-            if not 0 <= label < num_classes:
-                raise ValueError(f"--label {label} is not a class of this model, which has classes "
-                                 f"0-{num_classes - 1}")
-            labels.append(label)
-    return labels
+def resolve_eta(args) -> float:
+    """The DDIM noise level of `sample` and `evaluate`: --eta, checked, else DEFAULT_ETA (0 for
+    --sampler ddpm, whose noise --variance sets)."""
+    if args.sampler == "ddpm":
+        if args.eta is not None:
+            raise ValueError("--eta applies to --sampler ddim; the ddpm sampler's noise is set by --variance")
+        return 0.0
+    eta = DEFAULT_ETA if args.eta is None else args.eta
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"--eta must be from 0 (deterministic DDIM) to 1 (fresh noise at every step); got {eta:g}")
+    return eta
+
+
+def _ddim_steps(args, diffusion) -> int | None:
+    """--steps, or for DDIM without it DDIM_STEPS (T if that is smaller)."""
+    if args.sampler == "ddim" and args.steps is None:
+        return min(DDIM_STEPS, diffusion.num_timesteps)
+    return args.steps
+
+
+def sampler_words(args, diffusion) -> str:
+    """How `sample` and `evaluate` drew: "ddim 50 steps, eta 1" or "ddpm 1000 steps, sigma^2 = beta"."""
+    noise = f"eta {args.eta:g}" if args.sampler == "ddim" else f"sigma^2 = {diffusion.variance}"
+    return f"{args.sampler} {args.steps or diffusion.num_timesteps} steps, {noise}"
 
 
 def _conditioning(args, model, info, guidance_needs_label: bool = True) -> tuple[list[int] | None, float]:
@@ -318,67 +333,75 @@ def _conditioning(args, model, info, guidance_needs_label: bool = True) -> tuple
     return (parse_labels(label, model.num_classes) if label else None), guidance
 
 
-def draw(diffusion, model, info, n: int, args, generator, labels: torch.Tensor | None = None,
-         guidance: float = 0.0) -> torch.Tensor:
-    """n samples [n, C, H, W] on the CPU, args.batch_size at a time (labels [n] or None)."""
-    chunks = []
-    for first in range(0, n, args.batch_size):
-        size = min(args.batch_size, n - first)
-        part = None if labels is None else labels[first:first + size].to(generator.device)
-        chunks.append(diffusion.sample(
-            model, (size, *info["image_shape"]), sampler=args.sampler, steps=args.steps, eta=args.eta,
-            generator=generator, progress=not args.no_progress, device=generator.device, labels=part,
-            guidance_scale=guidance if part is not None else None,
-            null_label=model.num_classes).cpu())
-    return torch.cat(chunks)
+def _draw(diffusion, model, info, n: int, args, generator, labels=None, guidance: float = 0.0):
+    """`sampling.draw` with the flags of `sample` and `evaluate`."""
+    return draw(diffusion, model, n, info["image_shape"], sampler=args.sampler, steps=args.steps,
+                eta=args.eta, batch_size=args.batch_size, generator=generator, labels=labels,
+                guidance=guidance, progress=not args.no_progress)
 
 
-# DDIM's noise level when --eta is not given. The deterministic eta = 0 is DDIM's own default
-# and the one the book's chapters teach with; on the shipped MNIST models, fresh noise at every
-# step (eta = 1, the posterior variance of each jump) gave the lower sample-quality score at 50
-# steps in every draw measured (benchmarks/samplers.py, README), so `sample` and `evaluate`
-# draw with it.
-DEFAULT_ETA = 1.0
-_ETA_HELP = (f"DDIM noise, from 0 (deterministic) to 1 (fresh noise at every step, the posterior "
-             f"variance of each jump; all T steps at eta 1 are DDPM with sigma^2 = beta-tilde) "
-             f"(default: {DEFAULT_ETA:g}, measured best for the shipped models)")
+# ------------------------------------------------------------------ sample
 
 
-def sampler_words(args, diffusion) -> str:
-    """How `sample` and `evaluate` drew: "ddim 50 steps, eta 1" or "ddpm 1000 steps, sigma^2 = beta"."""
-    noise = f"eta {args.eta:g}" if args.sampler == "ddim" else f"sigma^2 = {diffusion.variance}"
-    return f"{args.sampler} {args.steps or diffusion.num_timesteps} steps, {noise}"
+def add_sample_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sample", help="draw images from a trained model (its EMA weights)",
+        description="Draw images with the EMA weights of a checkpoint and save them as a grid.",
+    )
+    p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
+    p.add_argument("--n", type=int, default=64,
+                   help="number of images, or with --label the number of each class (default: 64)")
+    p.add_argument("--label", action="append", metavar="K",
+                   help="class-conditional models: draw class K (an index, e.g. 7 for the digit 7); "
+                   "repeat it or give a range such as 0-9 to draw --n of each, one row per class "
+                   "(default: no label, any class)")
+    p.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="classifier-free guidance weight w >= 0 with --label: eps = (1 + w) eps(x, c) "
+                   "- w eps(x); 0 is plain conditional sampling; s = 1 + w in other codebases "
+                   "(default: 0)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                   help="ddpm: Algorithm 2 over all T steps; ddim: Song et al. 2021 over --steps "
+                   "(default: ddim)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"DDIM steps (default: {DDIM_STEPS}, or T if smaller; ddpm always runs all T)")
+    p.add_argument("--eta", type=float, default=None, help=_ETA_HELP)
+    p.add_argument("--variance", choices=VARIANCES, default=None, help=_VARIANCE_HELP)
+    p.add_argument("--out", default="grid.png", help="PNG file for the grid (default: grid.png)")
+    p.add_argument("--nrow", type=int, default=None, help="images per row (default: sqrt of --n)")
+    p.add_argument("--save-samples", metavar="PATH", default=None,
+                   help="also save the images as one uint8 tensor [N, C, H, W] with torch.save, and "
+                   "with --label their labels [N] beside it as PATH's stem + .labels.pt (default: not saved)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed and --batch-size draw the same images (default: 0)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help=_DEVICE_HELP)
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="images drawn at once (default: 256)")
+    p.add_argument("--compile", nargs="?", const="default", default="none", choices=COMPILE_MODES,
+                   metavar="MODE",
+                   help="torch.compile the network in MODE, one of " + ", ".join(COMPILE_MODES) +
+                   " (the flag alone: default; reduce-overhead replays each call as a CUDA graph "
+                   "on a GPU); pays off for many images drawn with one batch size (default: none)")
+    p.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_HELP)
+    p.set_defaults(run=run_sample)
 
 
-def resolve_eta(args) -> float:
-    """The DDIM noise level of `sample` and `evaluate`: --eta, checked, else DEFAULT_ETA (0 for
-    --sampler ddpm, whose noise --variance sets)."""
-    if args.sampler == "ddpm":
-        if args.eta is not None:
-            raise ValueError("--eta applies to --sampler ddim; the ddpm sampler's noise is set by --variance")
-        return 0.0
-    eta = DEFAULT_ETA if args.eta is None else args.eta
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"--eta must be from 0 (deterministic DDIM) to 1 (fresh noise at every step); got {eta:g}")
-    return eta
-
-
-_VARIANCE_HELP = (
-    "the reverse steps' fixed variance sigma_t^2 for bits/dim and the ddpm sampler: beta (beta_t) or "
-    "posterior (beta-tilde_t of Eq. 7). Training's L_simple has no sigma, so the same network takes "
-    "either (Sec. 3.2: similar samples); posterior gives a tighter bound (default: the checkpoint's)")
-
-
-def _load(args, device):
-    """The EMA model, its diffusion and info, for `sample` and `evaluate`: `load_model`, with
-    the reverse variance that --variance names (the network is the same for either)."""
-    model, diffusion, info = load_model(args.checkpoint, device=device, ema=True)
-    if args.variance is not None:
-        if args.sampler == "ddim" and getattr(args, "metric", "fid") == "fid":
-            raise ValueError("--variance applies to --sampler ddpm and --metric bpd; DDIM's noise "
-                             "is set by --eta")
-        diffusion = Diffusion(**{**diffusion.config, "variance": args.variance})
-    return model, diffusion, info
+def parse_labels(values: list[str], num_classes: int) -> list[int]:
+    """The classes named by --label values such as "7" or "0-9", in order, checked against
+    the model's `num_classes`."""
+    labels = []
+    for value in values:
+        first, dash, last = value.partition("-")
+        try:
+            span = range(int(first), int(last) + 1) if dash else [int(first)]
+        except ValueError:
+            raise ValueError(f"--label {value!r} is not a class index or a range such as 0-9") from None
+        if not span:
+            raise ValueError(f"--label {value} is an empty range; write it low-high, e.g. 0-9")
+        for label in span:
+            if not 0 <= label < num_classes:
+                raise ValueError(f"--label {label} is not a class of this model, which has classes "
+                                 f"0-{num_classes - 1}")
+            labels.append(label)
+    return labels
 
 
 def run_sample(args) -> int:
@@ -392,13 +415,12 @@ def run_sample(args) -> int:
         # The sampler calls the network with the same shapes at every step (a last, smaller
         # batch compiles once more); the compiled module still answers model.num_classes.
         model = torch.compile(model, mode=args.compile)
-    if args.sampler == "ddim" and args.steps is None:
-        args.steps = min(50, diffusion.num_timesteps)
+    args.steps = _ddim_steps(args, diffusion)
     labels = None if classes is None else torch.tensor(classes).repeat_interleave(args.n)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     start = time.perf_counter()
-    images = draw(diffusion, model, info, len(labels) if labels is not None else args.n, args, generator,
-                  labels, guidance)
+    images = _draw(diffusion, model, info, len(labels) if labels is not None else args.n, args, generator,
+                   labels, guidance)
     seconds = time.perf_counter() - start
 
     # With labels, one row per class (N of each); else a square grid.
@@ -428,6 +450,166 @@ def labels_path(samples_path: str | Path) -> Path:
 # ------------------------------------------------------------------ evaluate
 
 
+def add_evaluate_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="bits/dim or a sample-quality score of a trained model",
+        description="Evaluate a checkpoint's EMA model: the variational bound in bits/dim on test "
+        "images, or the Fréchet distance of its samples in the features of the package's classifier "
+        "(with the same score for real images, the floor) and the fraction of smudges. Prints the "
+        "numbers and writes them to JSON.",
+    )
+    parser.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
+    parser.add_argument("--metric", choices=tuple(METRICS), required=True,
+                        help="bpd: the variational bound on test images in bits/dim (Eq. 5); "
+                        "fid: Fréchet distance of samples to test images in the features of the "
+                        "package's classifier, with the real-data floor (not Inception FID) (required)")
+    parser.add_argument("--n", type=int, default=1000,
+                        help="test images (bpd) or samples (fid) (default: 1000)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                        help="fid: ddpm runs all T steps, ddim --steps (default: ddim)")
+    parser.add_argument("--steps", type=int, default=None, help=f"fid: DDIM steps (default: {DDIM_STEPS})")
+    parser.add_argument("--eta", type=float, default=None, help="fid: " + _ETA_HELP)
+    parser.add_argument("--variance", choices=VARIANCES, default=None, help=_VARIANCE_HELP)
+    parser.add_argument("--guidance", type=float, default=None, metavar="W",
+                        help="fid of a class-conditional model: the guidance weight w >= 0; it draws "
+                        "the classes in turn and also reports the fraction classified as the class "
+                        "asked for (default: 0)")
+    parser.add_argument("--timesteps", type=int, default=None,
+                        help="bpd: terms of the bound to evaluate, an unbiased stratified estimate "
+                        "when fewer than T (default: all T)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per model call (default: 256)")
+    parser.add_argument("--classifier", default=None,
+                        help="fid: classifier weights (default: the package's for the dataset)")
+    parser.add_argument("--data-root", default=None, help="folder of the datasets "
+                        "(default: the checkpoint's, else $NAIVEDIFFUSION_DATA)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help=_DEVICE_HELP)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed of the test images, noise and samples (default: 0)")
+    parser.add_argument("--out", default="metrics.json", help="JSON file for the numbers (default: metrics.json)")
+    parser.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_HELP)
+    parser.set_defaults(run=run_evaluate)
+
+
+@dataclass
+class _Evaluation:
+    """What both metrics of `evaluate` start from: the EMA model and where its data is."""
+
+    model: torch.nn.Module
+    diffusion: Diffusion
+    info: dict
+    device: torch.device
+    dataset: str
+    root: str | None
+    image_size: int | None
+    guidance: float
+
+
+def _load_for_evaluation(args) -> _Evaluation:
+    """The flags checked against --metric, the checkpoint's EMA model, and its dataset."""
+    if args.metric == "fid":
+        args.eta = resolve_eta(args)
+    elif args.eta is not None:
+        raise ValueError("--eta applies to --metric fid (bits/dim follows the reverse process, whose "
+                         "noise --variance sets)")
+    device = pick_device(args.device)
+    model, diffusion, info = _load(args, device)
+    if args.guidance is not None and args.metric != "fid":
+        raise ValueError("--guidance applies to --metric fid (bits/dim is of the unconditional model)")
+    _, guidance = _conditioning(args, model, info, guidance_needs_label=False)
+    train_config = info.get("train_config") or {}
+    dataset = train_config.get("dataset")
+    if dataset is None:
+        raise ValueError(f"{info['path']} does not say which dataset the model learned")
+    return _Evaluation(model, diffusion, info, device, dataset,
+                       root=args.data_root or train_config.get("data_root"),
+                       image_size=train_config.get("image_size"), guidance=guidance)
+
+
+def run_evaluate(args) -> int:
+    """Load the checkpoint's EMA model, compute the metric, print it, write it to JSON."""
+    if args.n < 2 or args.batch_size < 1:
+        raise ValueError("--n must be at least 2 and --batch-size at least 1")
+    ev = _load_for_evaluation(args)
+    result = {"metric": args.metric, "checkpoint": str(ev.info["path"]), "step": ev.info["step"],
+              "total_steps": ev.info["total_steps"],
+              "dataset": ev.dataset, "n": args.n, "seed": args.seed, "device": str(ev.device)}
+    start = time.perf_counter()
+    generator = torch.Generator(device=ev.device).manual_seed(args.seed)
+    numbers, summary = METRICS[args.metric](args, ev, generator)
+    result.update(numbers)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    out = write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    print(f"{summary}; {result['seconds']:.0f} s -> {out}")
+    return 0
+
+
+def _evaluate_bpd(args, ev: _Evaluation, generator) -> tuple[dict, str]:
+    """`evaluate --metric bpd`: the bound on --n test images, its terms, and the line to print."""
+    diffusion, T = ev.diffusion, ev.diffusion.num_timesteps
+    if args.timesteps is not None and not 1 <= args.timesteps <= T:
+        raise ValueError(f"--timesteps must be from 1 to T={T}; got {args.timesteps}")
+    test = load_dataset(ev.dataset, root=ev.root, train=False, image_size=ev.image_size, augment=False)
+    if args.n > len(test):
+        raise ValueError(f"--n {args.n} is more than the {len(test)} test images of {ev.dataset}")
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))
+    x0 = torch.stack([test[i][0] for i in order[:args.n].tolist()]).to(ev.device)
+    bpd, terms = bits_per_dim(diffusion, ev.model, x0, timesteps=args.timesteps,
+                              batch_size=args.batch_size, generator=generator,
+                              progress=not args.no_progress, return_terms=True)
+    bpd = bpd.double().cpu()
+    numbers = dict(
+        bpd=bpd.mean().item(), bpd_standard_error=(bpd.std() / math.sqrt(len(bpd))).item(),
+        timesteps=len(terms["t"]), num_timesteps=T, diffusion_config=diffusion.config,
+        terms={"prior": terms["prior"].mean().item(), "decoder": terms["decoder"].mean().item(),
+               "t": terms["t"].tolist(), "weights": terms["weights"].tolist(),
+               "vb": terms["vb"].double().mean(1).cpu().tolist()},
+    )
+    how = "all" if args.timesteps in (None, T) else "a stratified estimate from"
+    summary = (f"bits/dim {numbers['bpd']:.4f} +- {numbers['bpd_standard_error']:.4f} on {args.n} "
+               f"{ev.dataset} test images ({how} {len(terms['t'])} of T={T} terms; prior "
+               f"{numbers['terms']['prior']:.2e}, decoder L_0 {numbers['terms']['decoder']:.4f}; "
+               f"variance {diffusion.variance})")
+    return numbers, summary
+
+
+def _evaluate_fid(args, ev: _Evaluation, generator) -> tuple[dict, str]:
+    """`evaluate --metric fid`: --n samples scored against the data, and the line to print."""
+    classifier = load_classifier(ev.dataset, args.classifier, device=ev.device)
+    args.steps = _ddim_steps(args, ev.diffusion) if args.sampler == "ddim" else None  # ddpm: all T
+    # A class-conditional model draws the classes in turn, image i of class i mod K.
+    labels = None if ev.model.num_classes is None else torch.arange(args.n) % ev.model.num_classes
+    samples = _draw(ev.diffusion, ev.model, ev.info, args.n, args, generator, labels, ev.guidance)
+    scores = sample_quality(samples, ev.dataset, classifier=classifier, seed=args.seed, root=ev.root)
+    scores["smudges"] = smudge_fraction(samples, classifier=classifier)
+    scores["noisy"] = noise_fraction(samples, ev.dataset, root=ev.root)
+    classes = class_probabilities(classifier, samples).argmax(1)
+    scores["class_counts"] = torch.bincount(classes, minlength=classifier.config["num_classes"]).tolist()
+    if labels is not None:
+        scores["guidance"] = ev.guidance
+        scores["accuracy"] = (classes == labels).double().mean().item()
+    numbers = dict(
+        sampler=args.sampler, steps=args.steps or ev.diffusion.num_timesteps, eta=args.eta,
+        variance=ev.diffusion.variance, **scores,
+        score="Fréchet distance in the features of the naivediffusion classifier (not Inception FID)",
+        classifier={k: classifier.metadata.get(k) for k in ("path", "test_accuracy", "command")},
+    )
+    summary = (f"Fréchet distance (classifier features) {scores['fd']:.3f} for {args.n} samples "
+               f"({sampler_words(args, ev.diffusion)}) vs {scores['n_reference']} {ev.dataset} "
+               f"test images; real-data floor ({args.n} training images) {scores['fd_real']:.3f}; "
+               f"smudges (top class probability < 0.5) {scores['smudges']:.1%}; noisy (rougher "
+               f"than 99.9% of test digits) {scores['noisy']:.1%}; samples per class "
+               f"{scores['class_counts']}")
+    if labels is not None:
+        summary += (f"; guidance w={ev.guidance:g}: {scores['accuracy']:.1%} classified as the class "
+                    "asked for")
+    return numbers, summary
+
+
+# Each metric of `evaluate --metric`: (args, loaded model, generator) -> (numbers, summary).
+METRICS = {"bpd": _evaluate_bpd, "fid": _evaluate_fid}
+
+
+# ------------------------------------------------------------------ train-classifier
 
 
 def add_train_classifier_parser(subparsers) -> None:
@@ -435,8 +617,7 @@ def add_train_classifier_parser(subparsers) -> None:
         "train-classifier", help="train the classifier behind the sample-quality score",
         description="Train and save the feature network of quality.sample_quality (the package "
         "ships MNIST's; this makes it for another dataset, or again).")
-    parser.add_argument("--dataset", default="mnist",
-                        help='"mnist", "fashion-mnist" or "cifar10" (default: mnist)')
+    parser.add_argument("--dataset", default="mnist", help=f"{_quoted(DATASETS)} (default: mnist)")
     parser.add_argument("--out", default=None,
                         help="where to save the weights (default: the package's "
                         "naivediffusion/assets/classifier_DATASET.pt)")
@@ -444,11 +625,10 @@ def add_train_classifier_parser(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of Adam (default: 0.002)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                        help="auto: cuda, else mps, else cpu (default: auto)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help=_DEVICE_HELP)
     parser.add_argument("--data-root", default=None, help="folder of the datasets "
                         "(default: $NAIVEDIFFUSION_DATA, else ~/.cache/naivediffusion/data)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
+    parser.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_HELP)
     parser.set_defaults(run=run_train_classifier)
 
 
@@ -471,138 +651,6 @@ def run_train_classifier(args) -> int:
     print(f"{args.dataset} classifier: test accuracy {info['test_accuracy']:.4f}, trained in "
           f"{info['train_seconds']:.0f} s on {info['device']} -> {path} "
           f"({path.stat().st_size / 1024:.0f} KiB)")
-    return 0
-
-
-def add_evaluate_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "evaluate", help="bits/dim or a sample-quality score of a trained model",
-        description="Evaluate a checkpoint's EMA model: the variational bound in bits/dim on test "
-        "images, or the Fréchet distance of its samples in the features of the package's classifier "
-        "(with the same score for real images, the floor) and the fraction of smudges. Prints the "
-        "numbers and writes them to JSON.",
-    )
-    parser.add_argument("--checkpoint", required=True,
-                        help=_CHECKPOINT_HELP)
-    parser.add_argument("--metric", choices=("bpd", "fid"), required=True,
-                        help="bpd: the variational bound on test images in bits/dim (Eq. 5); "
-                        "fid: Fréchet distance of samples to test images in the features of the "
-                        "package's classifier, with the real-data floor (not Inception FID) (required)")
-    parser.add_argument("--n", type=int, default=1000,
-                        help="test images (bpd) or samples (fid) (default: 1000)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim",
-                        help="fid: ddpm runs all T steps, ddim --steps (default: ddim)")
-    parser.add_argument("--steps", type=int, default=None, help="fid: DDIM steps (default: 50)")
-    parser.add_argument("--eta", type=float, default=None, help="fid: " + _ETA_HELP)
-    parser.add_argument("--variance", choices=VARIANCES, default=None, help=_VARIANCE_HELP)
-    parser.add_argument("--guidance", type=float, default=None, metavar="W",
-                        help="fid of a class-conditional model: the guidance weight w >= 0; it draws "
-                        "the classes in turn and also reports the fraction classified as the class "
-                        "asked for (default: 0)")
-    parser.add_argument("--timesteps", type=int, default=None,
-                        help="bpd: terms of the bound to evaluate, an unbiased stratified estimate "
-                        "when fewer than T (default: all T)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per model call (default: 256)")
-    parser.add_argument("--classifier", default=None,
-                        help="fid: classifier weights (default: the package's for the dataset)")
-    parser.add_argument("--data-root", default=None, help="folder of the datasets "
-                        "(default: the checkpoint's, else $NAIVEDIFFUSION_DATA)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                        help="auto: cuda, else mps, else cpu (default: auto)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="random seed of the test images, noise and samples (default: 0)")
-    parser.add_argument("--out", default="metrics.json", help="JSON file for the numbers (default: metrics.json)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
-    parser.set_defaults(run=run_evaluate)
-
-
-def run_evaluate(args) -> int:
-    """Load the checkpoint's EMA model, compute the metric, print it, write it to JSON."""
-    if args.n < 2 or args.batch_size < 1:
-        raise ValueError("--n must be at least 2 and --batch-size at least 1")
-    if args.metric == "fid":
-        args.eta = resolve_eta(args)
-    elif args.eta is not None:
-        raise ValueError("--eta applies to --metric fid (bits/dim follows the reverse process, whose "
-                         "noise --variance sets)")
-    device = pick_device(args.device)
-    model, diffusion, info = _load(args, device)
-    if args.guidance is not None and args.metric != "fid":
-        raise ValueError("--guidance applies to --metric fid (bits/dim is of the unconditional model)")
-    _, guidance = _conditioning(args, model, info, guidance_needs_label=False)
-    train_config = info.get("train_config") or {}
-    dataset = train_config.get("dataset")
-    if dataset is None:
-        raise ValueError(f"{info['path']} does not say which dataset the model learned")
-    root = args.data_root or train_config.get("data_root")
-    image_size = train_config.get("image_size")
-    result = {"metric": args.metric, "checkpoint": str(info["path"]), "step": info["step"],
-              "total_steps": info["total_steps"],
-              "dataset": dataset, "n": args.n, "seed": args.seed, "device": str(device)}
-    start = time.perf_counter()
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-
-    if args.metric == "bpd":
-        T = diffusion.num_timesteps
-        if args.timesteps is not None and not 1 <= args.timesteps <= T:
-            raise ValueError(f"--timesteps must be from 1 to T={T}; got {args.timesteps}")
-        test = load_dataset(dataset, root=root, train=False, image_size=image_size, augment=False)
-        if args.n > len(test):
-            raise ValueError(f"--n {args.n} is more than the {len(test)} test images of {dataset}")
-        order = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))
-        x0 = torch.stack([test[i][0] for i in order[:args.n].tolist()]).to(device)
-        bpd, terms = bits_per_dim(diffusion, model, x0, timesteps=args.timesteps,
-                                  batch_size=args.batch_size, generator=generator,
-                                  progress=not args.no_progress, return_terms=True)
-        bpd = bpd.double().cpu()
-        result.update(
-            bpd=bpd.mean().item(), bpd_standard_error=(bpd.std() / math.sqrt(len(bpd))).item(),
-            timesteps=len(terms["t"]), num_timesteps=T, diffusion_config=diffusion.config,
-            terms={"prior": terms["prior"].mean().item(), "decoder": terms["decoder"].mean().item(),
-                   "t": terms["t"].tolist(), "weights": terms["weights"].tolist(),
-                   "vb": terms["vb"].double().mean(1).cpu().tolist()},
-        )
-        how = "all" if args.timesteps in (None, T) else "a stratified estimate from"
-        summary = (f"bits/dim {result['bpd']:.4f} +- {result['bpd_standard_error']:.4f} on {args.n} "
-                   f"{dataset} test images ({how} {len(terms['t'])} of T={T} terms; prior "
-                   f"{result['terms']['prior']:.2e}, decoder L_0 {result['terms']['decoder']:.4f}; "
-                   f"variance {diffusion.variance})")
-    else:
-        classifier = load_classifier(dataset, args.classifier, device=device)
-        steps = args.steps if args.sampler == "ddim" else None
-        if args.sampler == "ddim" and steps is None:
-            steps = min(50, diffusion.num_timesteps)
-        args.steps = steps
-        # A class-conditional model draws the classes in turn, image i of class i mod K.
-        labels = None if model.num_classes is None else torch.arange(args.n) % model.num_classes
-        samples = draw(diffusion, model, info, args.n, args, generator, labels, guidance)
-        scores = sample_quality(samples, dataset, classifier=classifier, seed=args.seed, root=root)
-        scores["smudges"] = smudge_fraction(samples, classifier=classifier)
-        scores["noisy"] = noise_fraction(samples, dataset, root=root)
-        classes = class_probabilities(classifier, samples).argmax(1)
-        scores["class_counts"] = torch.bincount(classes, minlength=classifier.config["num_classes"]).tolist()
-        if labels is not None:
-            scores["guidance"] = guidance
-            scores["accuracy"] = (classes == labels).double().mean().item()
-        result.update(
-            sampler=args.sampler, steps=steps or diffusion.num_timesteps, eta=args.eta,
-            variance=diffusion.variance, **scores,
-            score="Fréchet distance in the features of the naivediffusion classifier (not Inception FID)",
-            classifier={k: classifier.metadata.get(k) for k in ("path", "test_accuracy", "command")},
-        )
-        summary = (f"Fréchet distance (classifier features) {scores['fd']:.3f} for {args.n} samples "
-                   f"({sampler_words(args, diffusion)}) vs {scores['n_reference']} {dataset} "
-                   f"test images; real-data floor ({args.n} training images) {scores['fd_real']:.3f}; "
-                   f"smudges (top class probability < 0.5) {scores['smudges']:.1%}; noisy (rougher "
-                   f"than 99.9% of test digits) {scores['noisy']:.1%}; samples per class "
-                   f"{scores['class_counts']}")
-        if labels is not None:
-            summary += (f"; guidance w={guidance:g}: {scores['accuracy']:.1%} classified as the class "
-                        "asked for")
-
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    out = write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
-    print(f"{summary}; {result['seconds']:.0f} s -> {out}")
     return 0
 
 

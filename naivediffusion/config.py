@@ -17,6 +17,7 @@ from .budget import pick_device
 from .checkpoint import CheckpointError
 from .data import FOLDER_PREFIX
 from .diffusion import WEIGHTINGS, check_p_uncond
+from .sampling import DDIM_STEPS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -86,7 +87,7 @@ class TrainConfig:
     sample_every: int = 10_000
     checkpoint_every: int = 5_000
     num_sample_images: int = 64
-    sample_steps: int = 50  # DDIM steps for the sample grids written while training
+    sample_steps: int = DDIM_STEPS  # DDIM steps for the sample grids written while training
     num_workers: int | None = None  # None: 0 on a CPU, up to 4 with CUDA
     data_root: str | None = None  # None: $NAIVEDIFFUSION_DATA, else a cache folder
 

@@ -1,11 +1,14 @@
-"""The diffusion process of DDPM (Ho, Jain, Abbeel 2020): forward, posterior, reverse, loss, samplers.
+"""The diffusion process of DDPM (Ho, Jain, Abbeel 2020): forward, posterior, reverse step, loss.
 
 `Diffusion` is pure tensor math. It knows the noise schedule and nothing about
 convolutions: a model is any callable ``model(x_t, t)`` (or ``model(x_t, t, labels)``)
 that returns a tensor shaped like ``x_t``. The samplers and the likelihood work
 with a U-Net and with an analytic model alike. Classifier-free guidance (Ho & Salimans
-2022) is math on such a callable too: `loss` drops labels to a null label, `sample`
-combines the conditional and the null-label predictions (`guided_model`).
+2022) is math on such a callable too: `loss` drops labels to a null label, and the
+samplers combine the conditional and the null-label predictions (`guided_model`).
+
+The loops that chain reverse steps into samples (DDPM's Algorithm 2, DDIM) are in
+`sampling.py`; `Diffusion.sample` is their entry point.
 
 Index convention: code ``t = 0 .. T-1`` is the paper's ``t = 1 .. T``. So
 ``alphas_cumprod[0]`` is the paper's alpha-bar_1, and ``alphas_cumprod_prev[0] = 1``
@@ -19,13 +22,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .schedule import SCHEDULES, get_schedule
 
 OBJECTIVES = ("eps", "x0", "v")
 VARIANCES = ("beta", "posterior")
-SAMPLERS = ("ddpm", "ddim")
 WEIGHTINGS = ("none", "min-snr")
 
 
@@ -415,21 +416,6 @@ class Diffusion:
 
     # ------------------------------------------------------------------ sampling
 
-    def ddim_timesteps(self, steps: int) -> Tensor:
-        """`steps` timesteps evenly spaced over 0..T-1, both ends included, descending.
-
-        Returns:
-            LongTensor [steps], starting at T-1 and ending at 0.
-        """
-        if not isinstance(steps, int) or not 1 <= steps <= self.num_timesteps:
-            raise ValueError(f"steps must be an integer from 1 to T={self.num_timesteps}, got {steps!r}")
-        if steps == 1:
-            return torch.tensor([self.num_timesteps - 1])
-        # Rounding linspace over the T integers never repeats a value when steps <= T.
-        seq = torch.linspace(0, self.num_timesteps - 1, steps, dtype=torch.float64).round().long()
-        return seq.flip(0)
-
-    @torch.no_grad()
     def sample(
         self,
         model,
@@ -448,126 +434,17 @@ class Diffusion:
         guidance_scale: float | None = None,
         null_label: int | None = None,
     ):
-        """Draw images from the reverse process, starting from x_T ~ N(0, I).
+        """Draw images [B, C, H, W] in [-1, 1] from the reverse process, starting from x_T ~ N(0, I).
 
-        Args:
-            model: callable (x_t, t) -> output (see `objective`). An nn.Module is put
-                in eval mode for sampling and restored afterwards.
-            shape: (B, C, H, W) of the images to draw.
-            sampler: "ddpm" — Algorithm 2 over all T steps, T-1 down to 0, adding no
-                noise at the last step; "ddim" — Song et al. 2021, Eq. 12, over `steps`
-                evenly spaced timesteps from T-1 down to 0.
-            steps: number of DDIM steps (1..T; default 50). For "ddpm" only None or T.
-            eta: DDIM's noise level (Song et al. Eq. 16): 0 is deterministic, 1 is
-                DDPM-like (sigma^2 = posterior variance).
-            generator: a torch.Generator on `device`, for reproducible samples.
-            progress: show a progress bar.
-            return_chain: also return the chain of x_t and predicted x0.
-            labels: optional class labels [B] passed to the model (called as
-                model(x_t, t, labels) then).
-            device: where to sample; default: the model's device (else CPU).
-            clip: clip the predicted x0, and the final images, to the data range [-1, 1]
-                (as the reference code does). Off only for data that is not images.
-            chain_every: keep every n-th step in the chain (the last is always kept).
-            guidance_scale: classifier-free guidance weight w >= 0 (Ho & Salimans Eq. 6,
-                eps~ = (1 + w) eps(x, c) - w eps(x, null); s = 1 + w in other codebases),
-                applied at every step of either sampler through `guided_model`; needs
-                `labels`. None (the default) or 0: plain conditional sampling with one
-                forward pass per step; w > 0: one forward pass on a doubled batch per step.
-                The random draws (x_T, the noise of each step) do not depend on w, so the
-                same generator seed gives the same starting noise for every w.
-            null_label: the label meaning "no class" (`num_classes` of a UNet); needed when
-                guidance_scale > 0.
-
-        Returns:
-            images [B, C, H, W] in [-1, 1]; with `return_chain`, ``(images, chain)`` where
-            chain = {"t": LongTensor [K], "x_t": [K, B, C, H, W], "pred_x0": [K, B, C, H, W]}
-            on the CPU, "x_t" being the input of the step at time "t".
+        sampler "ddpm": Algorithm 2 over all T steps; "ddim": Song et al. 2021 over `steps`
+        timesteps (default `sampling.DDIM_STEPS`, 50) with noise level `eta` (0: deterministic).
+        The loops live in `naivediffusion.sampling`: this is
+        ``sampling.sample(self, model, shape, ...)``, whose docstring describes every argument
+        (labels, classifier-free guidance, the chain). An nn.Module samples in eval mode.
         """
-        _check_choice("sampler", sampler, SAMPLERS)
-        if sampler == "ddpm" and steps not in (None, self.num_timesteps):
-            raise ValueError(
-                f"the ddpm sampler runs all T={self.num_timesteps} steps (got steps={steps}); "
-                "use sampler='ddim' to sample with fewer steps"
-            )
-        if guidance_scale is not None and labels is None:
-            raise ValueError("guidance_scale needs labels: guidance steers towards a class")
-        if device is None:
-            params = getattr(model, "parameters", None)
-            first = next(params(), None) if params is not None else None
-            device = first.device if first is not None else torch.device("cpu")
-        step_model, step_labels = model, labels
-        if guidance_scale is not None:
-            labels = torch.as_tensor(labels, dtype=torch.long, device=device)
-            if labels.ndim == 0:
-                labels = labels.expand(shape[0])
-            if labels.shape != (shape[0],):
-                raise ValueError(f"labels must have shape [{shape[0]}]; got {tuple(labels.shape)}")
-            # The step functions see a plain (x_t, t) -> output model; the guidance is inside.
-            step_model = self.guided_model(model, labels, guidance_scale, null_label)
-            step_labels = None
-        if sampler == "ddpm":
-            timesteps = torch.arange(self.num_timesteps - 1, -1, -1)
-        else:
-            timesteps = self.ddim_timesteps(50 if steps is None else steps)
+        from .sampling import sample  # sampling.py builds on this module
 
-        was_training = getattr(model, "training", False)
-        if was_training:
-            model.eval()
-        try:
-            x = torch.randn(shape, generator=generator, device=device)
-            chain = {"t": [], "x_t": [], "pred_x0": []}
-            for i, step in enumerate(tqdm(timesteps.tolist(), disable=not progress, desc=sampler)):
-                t = torch.full((shape[0],), step, device=device, dtype=torch.long)
-                if sampler == "ddpm":
-                    x_next, pred_x0 = self._ddpm_step(step_model, x, t, clip, step_labels, generator)
-                else:
-                    prev = timesteps[i + 1].item() if i + 1 < len(timesteps) else -1
-                    x_next, pred_x0 = self._ddim_step(step_model, x, t, prev, eta, clip, step_labels,
-                                                      generator)
-                if return_chain and (i % chain_every == 0 or i == len(timesteps) - 1):
-                    chain["t"].append(step)
-                    chain["x_t"].append(x.cpu())
-                    chain["pred_x0"].append(pred_x0.cpu())
-                x = x_next
-        finally:
-            if was_training:
-                model.train()
-        if clip:
-            x = x.clamp(-1.0, 1.0)
-        if not return_chain:
-            return x
-        return x, {
-            "t": torch.tensor(chain["t"]),
-            "x_t": torch.stack(chain["x_t"]),
-            "pred_x0": torch.stack(chain["pred_x0"]),
-        }
-
-    def _ddpm_step(self, model, x, t, clip, labels, generator):
-        """One step of Algorithm 2: x_{t-1} = mean + sigma_t z, with z = 0 at the last step."""
-        out = self.p_mean_variance(model, x, t, clip=clip, labels=labels)
-        if t[0].item() == 0:
-            return out["mean"], out["pred_x0"]
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return out["mean"] + (0.5 * out["log_variance"]).exp() * z, out["pred_x0"]
-
-    def _ddim_step(self, model, x, t, prev: int, eta, clip, labels, generator):
-        """One DDIM step from t to prev (Song et al. 2021, Eq. 12 and 16); prev = -1 means x_0."""
-        output = model(x, t) if labels is None else model(x, t, labels)
-        output = output.to(x.dtype)
-        pred_x0 = self.predict_x0(x, t, output)
-        if clip:
-            pred_x0 = pred_x0.clamp(-1.0, 1.0)
-        # The noise direction consistent with the (clipped) x0 estimate.
-        eps = self.predict_eps(x, t, pred_x0)
-        abar = self._coef("alphas_cumprod", t, x)
-        if prev >= 0:
-            abar_prev = self._coef("alphas_cumprod", torch.full_like(t, prev), x)
-        else:
-            abar_prev = torch.ones_like(abar)
-        sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
-        x_prev = abar_prev.sqrt() * pred_x0 + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
-        if prev >= 0 and eta > 0:
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x_prev = x_prev + sigma * z
-        return x_prev, pred_x0
+        return sample(self, model, shape, sampler=sampler, steps=steps, eta=eta, generator=generator,
+                      progress=progress, return_chain=return_chain, labels=labels, device=device,
+                      clip=clip, chain_every=chain_every, guidance_scale=guidance_scale,
+                      null_label=null_label)

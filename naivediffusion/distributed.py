@@ -12,8 +12,9 @@ very steps that one process with the whole batch would take (up to float roundin
 This module holds what the Trainer (train.py) needs for that: where this process stands
 (`distributed_from_env`), the process group (`init_distributed`, `end_distributed`), the
 network in DDP (`wrap_for_processes`), the rank's slice of a global draw (`rank_slice`; the
-data's is `data.EpochBatchSampler`'s), and the few numbers the processes agree on
-(`agree_on_stop` once per step, `mean_over_processes` once per log line).
+data's is `data.EpochBatchSampler`'s), the few numbers the processes agree on
+(`agree_on_stop` once per step, `mean_over_processes` once per log line), and how a process
+tells that another one is gone (`lost_another_process`).
 
     where = distributed_from_env()          # Distributed(world_size, rank, local_rank)
     device = init_distributed(where, device) if where.enabled else device
@@ -173,3 +174,12 @@ def mean_over_processes(value: Tensor, where: Distributed) -> Tensor:
     total = value.clone()
     torch.distributed.all_reduce(total)  # the sum over processes
     return total / where.world_size  # equal slices: the mean of the means
+
+
+def lost_another_process(err: RuntimeError) -> bool:
+    """Whether `err` is torch.distributed saying that another process of the run is gone: gloo
+    finds the connection closed, nccl raises a DistError. The process that failed has printed
+    its own error; this one should only say why it stops."""
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    return "Connection closed by peer" in str(err) or "Connection reset by peer" in str(err)

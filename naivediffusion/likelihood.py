@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .data import scale_to_unit_interval
 from .diffusion import Diffusion
+from .unet import eval_mode
 
 LN2 = math.log(2.0)
 BIN_WIDTH = 2.0 / 255.0  # the 256 levels 0..255 scaled to [-1, 1] are 2/255 apart
@@ -265,10 +266,7 @@ def bits_per_dim(
         ts, weights = sample_timesteps(num_timesteps, timesteps, generator)
 
     vb = torch.empty(len(ts), n, dtype=dtype, device=device)
-    was_training = getattr(model, "training", False)
-    if was_training:
-        model.eval()
-    try:
+    with eval_mode(model):
         for k, step in enumerate(tqdm(ts.tolist(), disable=not progress, desc="bits/dim")):
             # Drawn for all N images at once, so chunking the batch cannot change the draws.
             noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
@@ -279,9 +277,6 @@ def bits_per_dim(
                 x_t = diffusion.q_sample(x0_chunk, t, noise[chunk])
                 vb[k, chunk] = vb_terms(diffusion, model, x0_chunk, x_t, t, clip=clip,
                                         labels=None if labels is None else labels[chunk])
-    finally:
-        if was_training:
-            model.train()
 
     prior = prior_bpd(diffusion, x0)
     bpd = prior + (weights.to(device=device, dtype=dtype)[:, None] * vb).sum(0)

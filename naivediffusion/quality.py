@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .budget import pick_device
 from .checkpoint import save_atomic
 from .data import FOLDER_PREFIX, dataset_info, load_dataset, scale_to_unit_interval
+from .unet import eval_mode
 
 
 class Classifier(nn.Module):
@@ -232,10 +233,8 @@ def classifier_features(classifier: Classifier, images: Tensor, batch_size: int 
     if images.dtype == torch.uint8:
         images = scale_to_unit_interval(images)
     device = next(classifier.parameters()).device
-    was_training = classifier.training
-    classifier.eval()
-    features = [classifier.features(x.to(device).float()).cpu() for x in images.split(batch_size)]
-    classifier.train(was_training)
+    with eval_mode(classifier):
+        features = [classifier.features(x.to(device).float()).cpu() for x in images.split(batch_size)]
     return torch.cat(features)
 
 
@@ -245,10 +244,8 @@ def class_probabilities(classifier: Classifier, images: Tensor, batch_size: int 
     if images.dtype == torch.uint8:
         images = scale_to_unit_interval(images)
     device = next(classifier.parameters()).device
-    was_training = classifier.training
-    classifier.eval()
-    probs = [classifier(x.to(device).float()).softmax(1).cpu() for x in images.split(batch_size)]
-    classifier.train(was_training)
+    with eval_mode(classifier):
+        probs = [classifier(x.to(device).float()).softmax(1).cpu() for x in images.split(batch_size)]
     return torch.cat(probs)
 
 

@@ -14,11 +14,13 @@ The network knows nothing about noise schedules: it maps (x_t, t) to a tensor sh
 and `diffusion.py` decides what that tensor means (eps, x0 or v).
 
 Read top to bottom: `timestep_embedding`, `TimeEmbedding`, `ResBlock`, `AttentionBlock`,
-`Downsample`, `Upsample`, then `UNet`, which wires them together.
+`Downsample`, `Upsample`, then `UNet`, which wires them together; last `eval_mode`, which
+the samplers, the likelihood and the quality score use to run a network without training it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import ClassVar
 
@@ -438,3 +440,25 @@ class UNet(nn.Module):
             # The skip brings back the fine detail that the way down gave up.
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Run the block with `model` in eval mode (dropout off), then give it back its mode.
+
+    For sampling, the likelihood and the quality score, which use a network without training
+    it: an nn.Module in training mode is put in eval mode for the block and back in training
+    mode after it, also when the block raises; one in eval mode stays so. Any other callable
+    (a function, an analytic model) has no mode and passes through untouched.
+
+        with eval_mode(model):
+            images = ...
+    """
+    was_training = getattr(model, "training", False)
+    if was_training:
+        model.eval()
+    try:
+        yield model
+    finally:
+        if was_training:
+            model.train()

@@ -138,17 +138,17 @@ def test_sample_ddpm_with_the_posterior_variance(run_dir, tmp_path):
 
 def test_sample_draws_with_the_default_eta_unless_told(run_dir, tmp_path, monkeypatch, capsys):
     """DDIM's noise level: DEFAULT_ETA when --eta is not given, else --eta; ddpm passes 0."""
-    from naivediffusion.__main__ import DEFAULT_ETA
-    from naivediffusion.diffusion import Diffusion
+    from naivediffusion import sampling
+    from naivediffusion.sampling import DEFAULT_ETA
 
     asked = []
-    real = Diffusion.sample
+    real = sampling.sample
 
-    def spy(self, model, shape, **kwargs):
+    def spy(diffusion, model, shape, **kwargs):
         asked.append((kwargs["sampler"], kwargs["eta"]))
-        return real(self, model, shape, **kwargs)
+        return real(diffusion, model, shape, **kwargs)
 
-    monkeypatch.setattr(Diffusion, "sample", spy)
+    monkeypatch.setattr(sampling, "sample", spy)
     common = ["--checkpoint", str(run_dir), "--n", "2", "--out", str(tmp_path / "g.png"), "--no-progress"]
     assert main(["sample", *common, "--steps", "3"]) == 0
     assert f"ddim 3 steps, eta {DEFAULT_ETA:g}" in capsys.readouterr().out

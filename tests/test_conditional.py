@@ -10,7 +10,7 @@ from PIL import Image
 from test_cli import TINY, assert_one_line_error, grid_size
 from test_train import assert_same_state, tiny_config
 
-from naivediffusion import Diffusion
+from naivediffusion import Diffusion, sampling
 from naivediffusion.__main__ import labels_path, main, parse_labels
 from naivediffusion.checkpoint import load_checkpoint, load_model
 from naivediffusion.config import TrainConfig
@@ -164,13 +164,13 @@ def test_parse_labels(values, expected):
 
 def test_sample_draws_n_of_each_class_one_row_per_class(conditional_run, tmp_path, capsys, monkeypatch):
     asked = []
-    real = Diffusion.sample
+    real = sampling.sample
 
-    def spy(self, model, shape, **kwargs):
+    def spy(diffusion, model, shape, **kwargs):
         asked.append((kwargs["labels"].tolist(), kwargs["guidance_scale"], kwargs["null_label"]))
-        return real(self, model, shape, **kwargs)
+        return real(diffusion, model, shape, **kwargs)
 
-    monkeypatch.setattr(Diffusion, "sample", spy)
+    monkeypatch.setattr(sampling, "sample", spy)
     out, saved = tmp_path / "grid.png", tmp_path / "s" / "samples.pt"
     assert main(["sample", "--checkpoint", str(conditional_run), "--label", "0-2", "--label", "7",
                  "--n", "3", "--guidance", "2.5", "--steps", "3", "--batch-size", "5",
@@ -187,13 +187,13 @@ def test_sample_draws_n_of_each_class_one_row_per_class(conditional_run, tmp_pat
 
 def test_sample_without_a_label_draws_from_the_null_class(conditional_run, tmp_path, monkeypatch):
     asked = []
-    real = Diffusion.sample
+    real = sampling.sample
 
-    def spy(self, model, shape, **kwargs):
+    def spy(diffusion, model, shape, **kwargs):
         asked.append(kwargs["labels"])
-        return real(self, model, shape, **kwargs)
+        return real(diffusion, model, shape, **kwargs)
 
-    monkeypatch.setattr(Diffusion, "sample", spy)
+    monkeypatch.setattr(sampling, "sample", spy)
     saved = tmp_path / "samples.pt"
     assert main(["sample", "--checkpoint", str(conditional_run), "--n", "2", "--steps", "2",
                  "--out", str(tmp_path / "g.png"), "--save-samples", str(saved), "--no-progress"]) == 0
@@ -237,13 +237,13 @@ def test_evaluate_a_conditional_model_reports_the_accuracy_on_the_asked_for_clas
     from naivediffusion import __main__ as cli
 
     asked = []
-    real = Diffusion.sample
+    real = sampling.sample
 
-    def spy(self, model, shape, **kwargs):
+    def spy(diffusion, model, shape, **kwargs):
         asked.append((kwargs["labels"].tolist(), kwargs["guidance_scale"]))
-        return real(self, model, shape, **kwargs)
+        return real(diffusion, model, shape, **kwargs)
 
-    monkeypatch.setattr(Diffusion, "sample", spy)
+    monkeypatch.setattr(sampling, "sample", spy)
     # The classifier calls every sample a 3: the accuracy is then the fraction of 3s asked for.
     monkeypatch.setattr(cli, "class_probabilities",
                         lambda classifier, x: torch.nn.functional.one_hot(torch.full((len(x),), 3), 10).float())

@@ -6,7 +6,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from naivediffusion import Diffusion
+from naivediffusion import Diffusion, sampling
 
 
 def _t(value: int, batch: int) -> torch.Tensor:
@@ -361,10 +361,10 @@ def test_ddim_timesteps_are_the_rounded_linspace(timesteps):
         exact = [Fraction((timesteps - 1) * i, steps - 1) for i in range(steps)]
         assert all(v - math.floor(v) != Fraction(1, 2) for v in exact), steps
         expected = [math.floor(v + Fraction(1, 2)) for v in reversed(exact)]
-        got = d.ddim_timesteps(steps)
+        got = sampling.ddim_timesteps(d, steps)
         assert got.dtype == torch.long
         assert got.tolist() == expected, steps
-    assert d.ddim_timesteps(1).tolist() == [timesteps - 1]
+    assert sampling.ddim_timesteps(d, 1).tolist() == [timesteps - 1]
 
 
 @pytest.mark.parametrize("kwargs", [{"sampler": "ddim", "steps": 0}, {"sampler": "ddim", "steps": 11},

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from naivediffusion import Diffusion
+from naivediffusion import Diffusion, sampling
 
 T = 1000
 # DDPM Sec. 4: beta rises linearly from 1e-4 to 0.02 over T = 1000 steps. In float64, by hand.
@@ -114,7 +114,7 @@ def test_one_ddpm_step_has_the_exact_mean_and_noise_scale(variance, step):
     x_t = grid_x()
     model = StubEps()
     seed = 11 + step
-    x_prev, pred_x0 = d._ddpm_step(model, x_t, full_t(step, 2), True, None,
+    x_prev, pred_x0 = sampling.ddpm_step(d, model, x_t, full_t(step, 2), True, None,
                                    torch.Generator().manual_seed(seed))
     assert [c.tolist() for c in model.calls] == [[step, step]]  # queried at t, not t - 1
     mean, sigma = ddpm_expected(x_t, step, variance)
@@ -148,7 +148,7 @@ def test_one_ddim_step_has_the_exact_mean_and_noise_scale(step, prev, eta):
     x_t = grid_x()
     model = StubEps()
     seed = 5 + step
-    x_prev, pred_x0 = d._ddim_step(model, x_t, full_t(step, 2), prev, eta, True, None,
+    x_prev, pred_x0 = sampling.ddim_step(d, model, x_t, full_t(step, 2), prev, eta, True, None,
                                    torch.Generator().manual_seed(seed))
     assert [c.tolist() for c in model.calls] == [[step, step]]
     mean, sigma = ddim_expected(x_t, step, prev, eta)

@@ -1,0 +1,260 @@
+"""Sampling: the reverse process run as a loop, from pure noise x_T down to an image x_0.
+
+`diffusion.py` holds the math of one step (the tables, p's mean and variance of Eq. 1 and 7,
+the conversions between eps, x0 and v, guidance as math on a callable); this module holds the
+loops that chain the steps together:
+
+- `sample`: Algorithm 2 of DDPM (Ho et al. 2020), or DDIM (Song et al. 2021); one step of
+  each is `ddpm_step` and `ddim_step`, and `ddim_timesteps` says which timesteps DDIM visits.
+  `Diffusion.sample(model, shape, ...)`, the chapters' entry point, calls it.
+- `draw`: n images in batches, with optional labels and classifier-free guidance, exactly as
+  the command line (``python -m naivediffusion sample`` and ``evaluate``) and the benchmarks
+  draw them.
+
+    from naivediffusion import Diffusion, UNet, sampling
+    images = sampling.sample(diffusion, model, (16, 1, 28, 28), sampler="ddim")  # = diffusion.sample(...)
+    images = sampling.draw(diffusion, model, 1000, (1, 28, 28), generator=torch.Generator().manual_seed(0))
+
+A model is any callable ``model(x_t, t)`` (or ``model(x_t, t, labels)``) returning a tensor
+shaped like x_t; an nn.Module is put in eval mode while it samples (`unet.eval_mode`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .diffusion import Diffusion, _check_choice
+from .unet import eval_mode
+
+SAMPLERS = ("ddpm", "ddim")
+
+# DDIM's number of steps when none is given: 20 times fewer network calls than DDPM's 1000.
+# `Diffusion.sample`, the command line (or T if that is smaller), the training run's sample
+# grids (TrainConfig.sample_steps) and the benchmarks default to it.
+DDIM_STEPS = 50
+
+# DDIM's noise level eta for the command line (`sample`, `evaluate`) and `draw`. The
+# deterministic eta = 0 is DDIM's own default and the one `sample` and the book's chapters
+# teach with; on the shipped MNIST models, fresh noise at every step (eta = 1, the posterior
+# variance of each jump) gave the lower sample-quality score at 50 steps in every draw
+# measured (benchmarks/samplers.py, README), so the command line draws with it.
+DEFAULT_ETA = 1.0
+
+
+def model_device(model) -> torch.device:
+    """Where `model` runs: the device of its first parameter; the CPU for a callable without any."""
+    params = getattr(model, "parameters", None)
+    first = next(params(), None) if params is not None else None
+    return first.device if first is not None else torch.device("cpu")
+
+
+def ddim_timesteps(diffusion: Diffusion, steps: int) -> Tensor:
+    """`steps` timesteps evenly spaced over 0..T-1, both ends included, descending.
+
+    Returns:
+        LongTensor [steps], starting at T-1 and ending at 0.
+    """
+    T = diffusion.num_timesteps
+    if not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ValueError(f"steps must be an integer from 1 to T={T}, got {steps!r}")
+    if steps == 1:
+        return torch.tensor([T - 1])
+    # Rounding linspace over the T integers never repeats a value when steps <= T.
+    seq = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
+    return seq.flip(0)
+
+
+@torch.no_grad()
+def sample(
+    diffusion: Diffusion,
+    model,
+    shape: tuple[int, ...],
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+    return_chain: bool = False,
+    labels: Tensor | None = None,
+    device: torch.device | str | None = None,
+    clip: bool = True,
+    chain_every: int = 1,
+    *,
+    guidance_scale: float | None = None,
+    null_label: int | None = None,
+):
+    """Draw images from the reverse process of `diffusion`, starting from x_T ~ N(0, I).
+
+    Args:
+        diffusion: the noise process (its schedule, objective and reverse variance).
+        model: callable (x_t, t) -> output (see `Diffusion`'s `objective`). An nn.Module is
+            put in eval mode for sampling and restored afterwards.
+        shape: (B, C, H, W) of the images to draw.
+        sampler: "ddpm" — Algorithm 2 over all T steps, T-1 down to 0, adding no
+            noise at the last step; "ddim" — Song et al. 2021, Eq. 12, over `steps`
+            evenly spaced timesteps from T-1 down to 0.
+        steps: number of DDIM steps (1..T; default DDIM_STEPS, 50). For "ddpm" only None or T.
+        eta: DDIM's noise level (Song et al. Eq. 16): 0 is deterministic, 1 is
+            DDPM-like (sigma^2 = posterior variance).
+        generator: a torch.Generator on `device`, for reproducible samples.
+        progress: show a progress bar.
+        return_chain: also return the chain of x_t and predicted x0.
+        labels: optional class labels [B] passed to the model (called as
+            model(x_t, t, labels) then).
+        device: where to sample; default: the model's device (else CPU).
+        clip: clip the predicted x0, and the final images, to the data range [-1, 1]
+            (as the reference code does). Off only for data that is not images.
+        chain_every: keep every n-th step in the chain (the last is always kept).
+        guidance_scale: classifier-free guidance weight w >= 0 (Ho & Salimans Eq. 6,
+            eps~ = (1 + w) eps(x, c) - w eps(x, null); s = 1 + w in other codebases),
+            applied at every step of either sampler through `Diffusion.guided_model`; needs
+            `labels`. None (the default) or 0: plain conditional sampling with one
+            forward pass per step; w > 0: one forward pass on a doubled batch per step.
+            The random draws (x_T, the noise of each step) do not depend on w, so the
+            same generator seed gives the same starting noise for every w.
+        null_label: the label meaning "no class" (`num_classes` of a UNet); needed when
+            guidance_scale > 0.
+
+    Returns:
+        images [B, C, H, W] in [-1, 1]; with `return_chain`, ``(images, chain)`` where
+        chain = {"t": LongTensor [K], "x_t": [K, B, C, H, W], "pred_x0": [K, B, C, H, W]}
+        on the CPU, "x_t" being the input of the step at time "t".
+    """
+    _check_choice("sampler", sampler, SAMPLERS)
+    T = diffusion.num_timesteps
+    if sampler == "ddpm" and steps not in (None, T):
+        raise ValueError(
+            f"the ddpm sampler runs all T={T} steps (got steps={steps}); "
+            "use sampler='ddim' to sample with fewer steps"
+        )
+    if guidance_scale is not None and labels is None:
+        raise ValueError("guidance_scale needs labels: guidance steers towards a class")
+    if device is None:
+        device = model_device(model)
+    step_model, step_labels = model, labels
+    if guidance_scale is not None:
+        # The step functions see a plain (x_t, t) -> output model; the guidance is inside.
+        step_model = _guided(diffusion, model, shape[0], labels, guidance_scale, null_label, device)
+        step_labels = None
+    if sampler == "ddpm":
+        timesteps = torch.arange(T - 1, -1, -1)
+    else:
+        timesteps = ddim_timesteps(diffusion, DDIM_STEPS if steps is None else steps)
+
+    with eval_mode(model):
+        x = torch.randn(shape, generator=generator, device=device)  # x_T
+        chain = {"t": [], "x_t": [], "pred_x0": []}
+        for i, step in enumerate(tqdm(timesteps.tolist(), disable=not progress, desc=sampler)):
+            t = torch.full((shape[0],), step, device=device, dtype=torch.long)
+            if sampler == "ddpm":
+                x_next, pred_x0 = ddpm_step(diffusion, step_model, x, t, clip, step_labels, generator)
+            else:
+                prev = timesteps[i + 1].item() if i + 1 < len(timesteps) else -1
+                x_next, pred_x0 = ddim_step(diffusion, step_model, x, t, prev, eta, clip, step_labels,
+                                            generator)
+            if return_chain and (i % chain_every == 0 or i == len(timesteps) - 1):
+                chain["t"].append(step)
+                chain["x_t"].append(x.cpu())
+                chain["pred_x0"].append(pred_x0.cpu())
+            x = x_next
+    if clip:
+        x = x.clamp(-1.0, 1.0)
+    if not return_chain:
+        return x
+    return x, {
+        "t": torch.tensor(chain["t"]),
+        "x_t": torch.stack(chain["x_t"]),
+        "pred_x0": torch.stack(chain["pred_x0"]),
+    }
+
+
+def _guided(diffusion: Diffusion, model, batch: int, labels, guidance_scale: float,
+            null_label: int | None, device):
+    """`model` under classifier-free guidance towards `labels` (one label, or [batch] of them)."""
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+    if labels.ndim == 0:
+        labels = labels.expand(batch)
+    if labels.shape != (batch,):
+        raise ValueError(f"labels must have shape [{batch}]; got {tuple(labels.shape)}")
+    return diffusion.guided_model(model, labels, guidance_scale, null_label)
+
+
+def ddpm_step(diffusion: Diffusion, model, x, t, clip=True, labels=None, generator=None):
+    """One step of Algorithm 2: x_{t-1} = mean + sigma_t z, with z = 0 at the last step."""
+    out = diffusion.p_mean_variance(model, x, t, clip=clip, labels=labels)
+    if t[0].item() == 0:
+        return out["mean"], out["pred_x0"]
+    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return out["mean"] + (0.5 * out["log_variance"]).exp() * z, out["pred_x0"]
+
+
+def ddim_step(diffusion: Diffusion, model, x, t, prev: int, eta=0.0, clip=True, labels=None,
+              generator=None):
+    """One DDIM step from t to prev (Song et al. 2021, Eq. 12 and 16); prev = -1 means x_0."""
+    output = model(x, t) if labels is None else model(x, t, labels)
+    output = output.to(x.dtype)
+    pred_x0 = diffusion.predict_x0(x, t, output)
+    if clip:
+        pred_x0 = pred_x0.clamp(-1.0, 1.0)
+    # The noise direction consistent with the (clipped) x0 estimate.
+    eps = diffusion.predict_eps(x, t, pred_x0)
+    abar = diffusion._coef("alphas_cumprod", t, x)
+    if prev >= 0:
+        abar_prev = diffusion._coef("alphas_cumprod", torch.full_like(t, prev), x)
+    else:
+        abar_prev = torch.ones_like(abar)
+    sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+    x_prev = abar_prev.sqrt() * pred_x0 + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
+    if prev >= 0 and eta > 0:
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_prev = x_prev + sigma * z
+    return x_prev, pred_x0
+
+
+def draw(
+    diffusion: Diffusion,
+    model,
+    n: int,
+    image_shape: tuple[int, ...],
+    *,
+    sampler: str = "ddim",
+    steps: int | None = None,
+    eta: float = DEFAULT_ETA,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+    labels: Tensor | None = None,
+    guidance: float = 0.0,
+    progress: bool = True,
+) -> Tensor:
+    """n images [n, C, H, W] in [-1, 1] on the CPU, `batch_size` at a time: what the command
+    line (`sample`, `evaluate`) and the benchmarks draw.
+
+    Each batch is one `sample` call on the generator's device (the model's without a
+    generator) that goes on drawing from the same `generator`, so the same seed and the same
+    `batch_size` give the same images (another batch size, other images).
+
+    Args:
+        image_shape: (C, H, W) of one image.
+        sampler, steps, eta: as for `sample`; by default DDIM with DDIM_STEPS steps at the
+            command line's DEFAULT_ETA.
+        labels: optional class labels [n] (LongTensor) of a class-conditional model; None
+            draws without labels.
+        guidance: with `labels`, the classifier-free guidance weight w >= 0 (0: plain
+            conditional sampling); the null label is the model's `num_classes`.
+        progress: show a progress bar for each batch.
+    """
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"n and batch_size must be at least 1; got {n} and {batch_size}")
+    device = generator.device if generator is not None else model_device(model)
+    chunks = []
+    for first in range(0, n, batch_size):
+        size = min(batch_size, n - first)
+        part = None if labels is None else labels[first:first + size].to(device)
+        chunks.append(sample(
+            diffusion, model, (size, *image_shape), sampler=sampler, steps=steps, eta=eta,
+            generator=generator, progress=progress, device=device, labels=part,
+            guidance_scale=guidance if part is not None else None,
+            null_label=getattr(model, "num_classes", None)).cpu())
+    return torch.cat(chunks)
