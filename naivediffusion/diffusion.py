@@ -416,35 +416,17 @@ class Diffusion:
 
     # ------------------------------------------------------------------ sampling
 
-    def sample(
-        self,
-        model,
-        shape: tuple[int, ...],
-        sampler: str = "ddpm",
-        steps: int | None = None,
-        eta: float = 0.0,
-        generator: torch.Generator | None = None,
-        progress: bool = True,
-        return_chain: bool = False,
-        labels: Tensor | None = None,
-        device: torch.device | str | None = None,
-        clip: bool = True,
-        chain_every: int = 1,
-        *,
-        guidance_scale: float | None = None,
-        null_label: int | None = None,
-    ):
+    def sample(self, model, shape: tuple[int, ...], *args, **kwargs):
         """Draw images [B, C, H, W] in [-1, 1] from the reverse process, starting from x_T ~ N(0, I).
 
         sampler "ddpm": Algorithm 2 over all T steps; "ddim": Song et al. 2021 over `steps`
         timesteps (default `sampling.DDIM_STEPS`, 50) with noise level `eta` (0: deterministic).
         The loops live in `naivediffusion.sampling`: this is
-        ``sampling.sample(self, model, shape, ...)``, whose docstring describes every argument
-        (labels, classifier-free guidance, the chain). An nn.Module samples in eval mode.
+        ``sampling.sample(self, model, shape, ...)`` with the same arguments (sampler, steps,
+        eta, generator, progress, return_chain, labels, device, clip, chain_every,
+        guidance_scale, null_label), whose docstring describes each. An nn.Module samples in
+        eval mode.
         """
         from .sampling import sample  # sampling.py builds on this module
 
-        return sample(self, model, shape, sampler=sampler, steps=steps, eta=eta, generator=generator,
-                      progress=progress, return_chain=return_chain, labels=labels, device=device,
-                      clip=clip, chain_every=chain_every, guidance_scale=guidance_scale,
-                      null_label=null_label)
+        return sample(self, model, shape, *args, **kwargs)
