@@ -282,6 +282,20 @@ def sampling_overhead(args, device, precision) -> dict:
     return result
 
 
+def load_diffusers(wanted: bool):
+    """The diffusers package, or None: when it is not wanted (--no-diffusers), without importing
+    it at all (an import alone costs seconds and pulls in its dependencies), and when it is not
+    installed, with a line saying so."""
+    if not wanted:
+        return None
+    try:
+        import diffusers
+    except ImportError:
+        print("diffusers is not installed (pip install diffusers): timing our network only")
+        return None
+    return diffusers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ddpm-cifar10", choices=sorted(DATASET_OF), help="default: ddpm-cifar10")
@@ -325,18 +339,13 @@ def main() -> None:
     if unknown or not modes:
         parser.error(f"unknown --compile mode {', '.join(unknown) or '(none given)'}; "
                      f"choose from {', '.join(COMPILE_MODES)}")
-    try:
-        import diffusers
-    except ImportError:
-        diffusers = None
-        if not args.no_diffusers:
-            print("diffusers is not installed (pip install diffusers): timing our network only")
+    diffusers = load_diffusers(wanted=not args.no_diffusers)
 
     with compile_backend(args.compile_backend), tempfile.TemporaryDirectory() as scratch:
         contestants = []
         for i, mode in enumerate(modes):
             contestants.append(ours(args, device, precision, mode, True, f"{scratch}/ours{i}"))
-            if diffusers is not None and not args.no_diffusers:
+            if diffusers is not None:
                 contestants.append(theirs(args, device, precision, mode, contestants[0].network[0],
                                           contestants[0].memory_format))
         if args.data_on_host:

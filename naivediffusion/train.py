@@ -118,6 +118,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
                          "use fp32 or bf16")
     if precision == "bf16" and device.type == "mps":
         raise ValueError("--precision bf16 is not supported on MPS; use fp32")
+    if precision == "bf16" and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:  # before Ampere: no bf16 arithmetic, only a slow emulation of it
+            raise ValueError(f"--precision bf16: this GPU (compute capability {major}.{minor}, e.g. a "
+                             "T4) has no native bf16 and would emulate it very slowly; use fp16 "
+                             "(what --precision auto picks here)")
     return precision
 
 

@@ -4,6 +4,7 @@ the command line draws them), the constants the command line and the benchmarks 
 
 import ast
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,24 @@ def test_the_speed_benchmark_gives_torch_compile_back():
         assert torch.compile is not real
         raise RuntimeError("stop")
     assert torch.compile is real
+
+
+def test_the_speed_benchmark_imports_diffusers_only_when_asked(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("benchmark_speed", REPO / "benchmarks" / "speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    asked = []
+
+    class Finder:  # sees every import of diffusers that is not already loaded
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "diffusers":
+                asked.append(name)
+                raise ImportError("no diffusers here")
+            return None
+
+    monkeypatch.delitem(sys.modules, "diffusers", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
+    assert speed.load_diffusers(wanted=False) is None and asked == []  # --no-diffusers
+    assert capsys.readouterr().out == ""
+    assert speed.load_diffusers(wanted=True) is None and asked == ["diffusers"]
+    assert "diffusers is not installed" in capsys.readouterr().out

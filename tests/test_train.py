@@ -111,6 +111,21 @@ def test_precision_auto_is_fp32_on_cpu_and_fp16_needs_cuda():
         resolve_precision("fp16", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("capability, auto", [((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_bf16_is_refused_on_a_gpu_that_would_emulate_it(monkeypatch, capability, auto):
+    """A T4 (7.5) has no bf16 arithmetic: an explicit bf16 names fp16, the choice auto makes."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda")
+    assert resolve_precision("auto", cuda) == auto
+    assert resolve_precision("fp16", cuda) == "fp16"
+    if auto == "bf16":
+        assert resolve_precision("bf16", cuda) == "bf16"
+    else:
+        with pytest.raises(ValueError, match=r"compute capability 7\.5.*use fp16") as refused:
+            resolve_precision("bf16", cuda)
+        assert "\n" not in str(refused.value)  # one line, as the command line prints it
+
+
 # ------------------------------------------------------- the pieces of a step
 
 
