@@ -233,11 +233,14 @@ def restore_run_state(trainer, checkpoint: dict) -> None:
     trainer.model.load_state_dict(checkpoint["model"])
     trainer.ema.load_state_dict(checkpoint["ema"])
     optimizer = trainer.optimizer
-    optimizer.load_state_dict(checkpoint["optimizer"])
     # The saved settings say how Adam ran where the checkpoint was written (fused there or
     # not); how it runs here is this device's choice (`train.adamw`). The state is the run's.
-    for group in optimizer.param_groups:
-        group["fused"], group["foreach"] = optimizer.defaults["fused"], optimizer.defaults["foreach"]
+    # The choice goes in before the state is loaded: load_state_dict places each `step` by its
+    # group's setting (a fused group's on the parameter's device, as float32; a non-fused
+    # group's where it was saved, which on a GPU would leave it on the CPU for a fused kernel).
+    saved = checkpoint["optimizer"]
+    here = {"fused": optimizer.defaults["fused"], "foreach": optimizer.defaults["foreach"]}
+    optimizer.load_state_dict({**saved, "param_groups": [{**group, **here} for group in saved["param_groups"]]})
     trainer.scheduler.load_state_dict(checkpoint["scheduler"])
     if trainer.scaler.is_enabled() and checkpoint["scaler"]:
         trainer.scaler.load_state_dict(checkpoint["scaler"])

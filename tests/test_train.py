@@ -319,6 +319,24 @@ def test_resume_runs_adam_as_this_device_does(trained_run, tmp_path):
     assert_same_state(trainer.optimizer.state_dict()["state"], checkpoint["optimizer"]["state"])
 
 
+def test_resume_puts_adams_steps_where_the_fused_kernel_needs_them(trained_run, tmp_path):
+    """A non-fused optimizer's `step` counters stay where they were saved when loaded as they
+    are: on a GPU, on the CPU, where the fused kernel cannot read them. Loaded into this
+    device's fused AdamW, every counter is on its parameter's device as float32 (on the CPU the
+    device cannot differ, so the counters are saved as float64 here: the dtype shows the move)."""
+    checkpoint = load_checkpoint(trained_run / "checkpoint.pt")
+    for group in checkpoint["optimizer"]["param_groups"]:
+        group["fused"], group["foreach"] = None, False
+    for state in checkpoint["optimizer"]["state"].values():
+        state["step"] = state["step"].double()
+    trainer = Trainer(tiny_config(tmp_path / "run"))
+    trainer.load_state_dict(checkpoint)
+    for param in trainer.model.parameters():
+        step = trainer.optimizer.state[param]["step"]
+        assert step.device == param.device and step.dtype == torch.float32
+    trainer.train_step(torch.rand(4, 1, 28, 28) * 2 - 1)  # the fused kernel runs on it
+
+
 def test_bf16_autocast_trains_float32_weights(tmp_path):
     trainer = Trainer(tiny_config(tmp_path / "bf16", steps=1, precision="bf16"))
     result = trainer.train(progress=False)
