@@ -22,6 +22,7 @@ tells that another one is gone (`lost_another_process`).
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -83,6 +84,12 @@ def check_global_batch(batch_size: int, world_size: int) -> None:
                          f"use a multiple of {world_size} (e.g. {options}) or another --nproc_per_node")
 
 
+# How long a collective waits for the slowest process before the group gives up on it. Set
+# explicitly, longer than torch's default for NCCL (10 minutes): the first step of a compiled
+# network can take minutes on one rank while the others already wait at the first all-reduce.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+
+
 def init_distributed(where: Distributed, device: torch.device) -> torch.device:
     """Join the process group of a torchrun launch; returns this process's device.
 
@@ -105,7 +112,8 @@ def init_distributed(where: Distributed, device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        torch.distributed.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                             timeout=PROCESS_GROUP_TIMEOUT)
     return device
 
 

@@ -22,7 +22,12 @@ from test_train import tiny_config
 from naivediffusion.__main__ import main
 from naivediffusion.checkpoint import load_checkpoint
 from naivediffusion.data import EpochBatchSampler
-from naivediffusion.distributed import Distributed, distributed_from_env
+from naivediffusion.distributed import (
+    PROCESS_GROUP_TIMEOUT,
+    Distributed,
+    distributed_from_env,
+    init_distributed,
+)
 from naivediffusion.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -261,3 +266,16 @@ def test_a_global_batch_that_does_not_split_evenly(tmp_path, monkeypatch, capsys
     assert len(lines) == 1 and lines[0].startswith("error (rank 0 of 3): --batch-size 8 "), err
     assert "multiple of 3" in lines[0]
     assert not (tmp_path / "run").exists() and not (tmp_path / "cli").exists()
+
+
+def test_the_process_group_waits_longer_than_a_compile(monkeypatch):
+    """The group's timeout is set, not left to torch's default (10 minutes for NCCL), so a rank
+    still compiling its first step is not given up on by the others."""
+    joined = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kwargs: joined.append((backend, kwargs)))
+    assert init_distributed(Distributed(world_size=2, rank=1), torch.device("cpu")) == torch.device("cpu")
+    [(backend, kwargs)] = joined
+    assert backend == "gloo" and kwargs["timeout"] == PROCESS_GROUP_TIMEOUT
+    assert PROCESS_GROUP_TIMEOUT.total_seconds() >= 30 * 60
