@@ -127,6 +127,20 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def seed_dropout(seed: int, rank: int, *keys) -> None:
+    """Give this process a stream of dropout masks of its own.
+
+    Dropout draws from torch's global generator, which every process seeds alike so that the
+    initial weights agree. Rank 0, like a single process, keeps that stream; every other rank
+    takes its own, from the run's seed, its rank and `keys` (after a resume every process has
+    restored rank 0's saved state, so the step is a key there). So N processes drop different
+    units in their slices of a batch, as one process does across its rows. With dropout on, N
+    processes therefore do not take exactly the steps of one process (with dropout 0 they do).
+    """
+    if rank > 0:
+        torch.manual_seed(derive_seed(seed, "dropout", rank, *keys))
+
+
 # Devices with a fused AdamW kernel: CUDA, and the CPU since torch 2.4 (this package's oldest).
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 
@@ -238,9 +252,10 @@ class Trainer:
         nhwc = config.channels_last if config.channels_last is not None else self.device.type in ("cuda", "cpu")
         self.memory_format = torch.channels_last if nhwc else torch.contiguous_format
         self.folder = RunFolder(self.run_dir, self.dist, self.precision, config.lr)
-        torch.manual_seed(config.seed)  # the initial weights, and dropout from here on
+        torch.manual_seed(config.seed)  # the initial weights (and rank 0's dropout from here on)
 
         self._build_model(fine_tune=checkpoint is None)
+        seed_dropout(config.seed, self.dist.rank)
         self.diffusion = Diffusion(config.timesteps, config.schedule, config.objective, config.variance)
         self.step = 0
         self.epoch, self.position = 0, 0  # where the next batch comes from
@@ -586,6 +601,7 @@ class Trainer:
     def load_state_dict(self, checkpoint: dict) -> None:
         """Continue the run where `checkpoint` (a `state_dict`) left it."""
         restore_run_state(self, checkpoint)
+        seed_dropout(self.config.seed, self.dist.rank, self.step)
 
     def save_checkpoint(self) -> Path:
         """Write run_dir/checkpoint.pt atomically, after checking that the losses since the last

@@ -28,7 +28,7 @@ from naivediffusion.distributed import (
     distributed_from_env,
     init_distributed,
 )
-from naivediffusion.train import Trainer
+from naivediffusion.train import Trainer, seed_dropout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -279,3 +279,28 @@ def test_the_process_group_waits_longer_than_a_compile(monkeypatch):
     [(backend, kwargs)] = joined
     assert backend == "gloo" and kwargs["timeout"] == PROCESS_GROUP_TIMEOUT
     assert PROCESS_GROUP_TIMEOUT.total_seconds() >= 30 * 60
+
+
+def test_each_rank_draws_its_own_dropout_masks(tmp_path):
+    """Rank 0 keeps the stream a single process has; other ranks take their own, also after a
+    resume (where every rank restores the checkpoint's generator state, which rank 0 saved)."""
+    torch.manual_seed(7)
+    expected = torch.rand(8)
+    streams = {}
+    for rank in (0, 1, 2):
+        torch.manual_seed(7)
+        seed_dropout(7, rank)
+        streams[rank] = torch.rand(8)
+    assert torch.equal(streams[0], expected)  # one process is unchanged
+    assert not torch.equal(streams[1], streams[0]) and not torch.equal(streams[2], streams[1])
+
+    trainer = Trainer(tiny_config(tmp_path / "run", steps=2))
+    trainer.train(progress=False)
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    after = {}
+    for rank in (0, 1, 1):
+        trainer.dist = Distributed(world_size=2, rank=rank, local_rank=rank)
+        trainer.load_state_dict(checkpoint)
+        after.setdefault(rank, []).append(torch.rand(8))
+    assert not torch.equal(after[0][0], after[1][0])  # the ranks' masks differ after a resume
+    assert torch.equal(after[1][0], after[1][1])  # and each rank's stream is its seed's
