@@ -84,6 +84,20 @@ def check_global_batch(batch_size: int, world_size: int) -> None:
                          f"use a multiple of {world_size} (e.g. {options}) or another --nproc_per_node")
 
 
+# torch.compile's modes that record the network's kernels into CUDA graphs and replay them.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def check_compile_for_processes(mode: str, world_size: int) -> None:
+    """Raise ValueError for a compile mode with CUDA graphs under torchrun: DDP's gradient
+    hooks and the graphs' replay are a combination PyTorch's own tracker shows to be fragile
+    (crashes during and after training); inductor without graphs compiles the same kernels."""
+    if world_size > 1 and mode in CUDA_GRAPH_MODES:
+        raise ValueError(f"--compile {mode} records CUDA graphs, which are not reliable with "
+                         f"{world_size} processes (DistributedDataParallel); use --compile default "
+                         "or max-autotune-no-cudagraphs under torchrun")
+
+
 # How long a collective waits for the slowest process before the group gives up on it. Set
 # explicitly, longer than torch's default for NCCL (10 minutes): the first step of a compiled
 # network can take minutes on one rank while the others already wait at the first all-reduce.

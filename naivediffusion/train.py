@@ -56,6 +56,7 @@ from .data import (
 from .diffusion import Diffusion
 from .distributed import (
     agree_on_stop,
+    check_compile_for_processes,
     check_global_batch,
     distributed_from_env,
     host_group,
@@ -239,6 +240,7 @@ class Trainer:
             refuse_existing_run(self.run_dir)
         self.dist = distributed_from_env()
         check_global_batch(config.batch_size, self.dist.world_size)  # before anything is built
+        check_compile_for_processes(config.compile, self.dist.world_size)
         self.device = pick_device(config.device)
         if self.dist.enabled:
             self.device = init_distributed(self.dist, self.device)

@@ -25,6 +25,7 @@ from naivediffusion.data import EpochBatchSampler
 from naivediffusion.distributed import (
     PROCESS_GROUP_TIMEOUT,
     Distributed,
+    check_compile_for_processes,
     distributed_from_env,
     init_distributed,
 )
@@ -304,3 +305,20 @@ def test_each_rank_draws_its_own_dropout_masks(tmp_path):
         after.setdefault(rank, []).append(torch.rand(8))
     assert not torch.equal(after[0][0], after[1][0])  # the ranks' masks differ after a resume
     assert torch.equal(after[1][0], after[1][1])  # and each rank's stream is its seed's
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_compile_with_cuda_graphs_is_refused_under_torchrun(tmp_path, monkeypatch, capsys, mode):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ValueError, match=f"--compile {mode} records CUDA graphs.* use --compile default"):
+        Trainer(tiny_config(tmp_path / "run", compile=mode))
+    assert main(["train", "--run-dir", str(tmp_path / "cli"), *TINY_FLAGS, "--batch-size", "8",
+                 "--compile", mode]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "max-autotune-no-cudagraphs" in lines[0], lines
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cli").exists()
+    check_compile_for_processes(mode, world_size=1)  # one process: allowed
+    for fine in ("none", "default", "max-autotune-no-cudagraphs"):
+        check_compile_for_processes(fine, world_size=2)
