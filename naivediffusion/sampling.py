@@ -138,20 +138,22 @@ def sample(
         # The step functions see a plain (x_t, t) -> output model; the guidance is inside.
         step_model = _guided(diffusion, model, shape[0], labels, guidance_scale, null_label, device)
         step_labels = None
+    # The timesteps as Python numbers: the loop never reads a number back from the device.
     if sampler == "ddpm":
-        timesteps = torch.arange(T - 1, -1, -1)
+        timesteps = list(range(T - 1, -1, -1))
     else:
-        timesteps = ddim_timesteps(diffusion, DDIM_STEPS if steps is None else steps)
+        timesteps = ddim_timesteps(diffusion, DDIM_STEPS if steps is None else steps).tolist()
 
     with eval_mode(model):
         x = torch.randn(shape, generator=generator, device=device)  # x_T
         chain = {"t": [], "x_t": [], "pred_x0": []}
-        for i, step in enumerate(tqdm(timesteps.tolist(), disable=not progress, desc=sampler)):
+        for i, step in enumerate(tqdm(timesteps, disable=not progress, desc=sampler)):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
             if sampler == "ddpm":
-                x_next, pred_x0 = ddpm_step(diffusion, step_model, x, t, clip, step_labels, generator)
+                x_next, pred_x0 = ddpm_step(diffusion, step_model, x, t, clip, step_labels, generator,
+                                            final=step == 0)
             else:
-                prev = timesteps[i + 1].item() if i + 1 < len(timesteps) else -1
+                prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
                 x_next, pred_x0 = ddim_step(diffusion, step_model, x, t, prev, eta, clip, step_labels,
                                             generator)
             if return_chain and (i % chain_every == 0 or i == len(timesteps) - 1):
@@ -181,10 +183,14 @@ def _guided(diffusion: Diffusion, model, batch: int, labels, guidance_scale: flo
     return diffusion.guided_model(model, labels, guidance_scale, null_label)
 
 
-def ddpm_step(diffusion: Diffusion, model, x, t, clip=True, labels=None, generator=None):
-    """One step of Algorithm 2: x_{t-1} = mean + sigma_t z, with z = 0 at the last step."""
+def ddpm_step(diffusion: Diffusion, model, x, t, clip=True, labels=None, generator=None, *,
+              final: bool | None = None):
+    """One step of Algorithm 2: x_{t-1} = mean + sigma_t z, with z = 0 at the last step.
+
+    `final` says whether this is the last step (t = 0); `sample` passes it from its Python
+    timesteps, and None reads it from t, which waits for the device."""
     out = diffusion.p_mean_variance(model, x, t, clip=clip, labels=labels)
-    if t[0].item() == 0:
+    if final if final is not None else t[0].item() == 0:
         return out["mean"], out["pred_x0"]
     z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return out["mean"] + (0.5 * out["log_variance"]).exp() * z, out["pred_x0"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from naivediffusion import Diffusion, UNet, sampling
 from naivediffusion.__main__ import build_parser
@@ -182,3 +183,36 @@ def test_the_speed_benchmark_imports_diffusers_only_when_asked(monkeypatch, caps
     assert capsys.readouterr().out == ""
     assert speed.load_diffusers(wanted=True) is None and asked == ["diffusers"]
     assert "diffusers is not installed" in capsys.readouterr().out
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operations that make the host wait for the device: reading a number back
+    (`aten._local_scalar_dense`: .item(), int(tensor), if tensor) and data-dependent shapes."""
+
+    READS = ("_local_scalar_dense", "nonzero", "masked_select", "unique")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("sampler, options", [
+    ("ddim", dict(steps=5, eta=0.0)), ("ddim", dict(steps=5, eta=1.0)), ("ddpm", {}),
+    ("ddim", dict(steps=5, eta=1.0, labels=torch.tensor([1, 2]), guidance_scale=2.0, null_label=3)),
+])
+def test_the_sampling_loop_never_waits_for_the_device(sampler, options):
+    """No number comes back from the device inside the loop (counted on the CPU, where the same
+    operations would each make a GPU wait)."""
+    classes = 3 if "labels" in options else None
+    model = UNet.from_preset("mnist", base_channels=8, channel_mults=[1, 2], num_res_blocks=1,
+                             attention_resolutions=[], num_classes=classes)
+    with HostReads() as reads:
+        Diffusion(timesteps=20).sample(model, (2, 1, 28, 28), sampler=sampler, progress=False, **options)
+    assert reads.count == 0
+    with HostReads() as reads:  # what the counter counts
+        torch.ones(2)[0].item()
+    assert reads.count == 1
