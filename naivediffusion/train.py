@@ -162,25 +162,63 @@ def adamw(parameters, lr: float, weight_decay: float, device: torch.device | str
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
-def ema_update_fn(decay: float, warmup: bool = True):
-    """The averaging rule for `torch.optim.swa_utils.AveragedModel`:
-    ema <- d * ema + (1 - d) * weights, with d = min(decay, (1 + n) / (10 + n)) after n updates.
+def ema_decay(decay: float, n: int, warmup: bool = True) -> float:
+    """The decay of the average's update after n updates: min(decay, (1 + n) / (10 + n)) with the
+    warm-up, else `decay`.
 
     The warm-up (as in TensorFlow's ExponentialMovingAverage with num_updates) lets the
     average forget the random initial weights quickly: with d = 0.9999 from the start it
     would still hold 37% of them after 10,000 steps, and early samples would be noise.
     """
+    return min(decay, (1 + n) / (10 + n)) if warmup else decay
+
+
+def ema_update_fn(decay: float, warmup: bool = True):
+    """The averaging rule for `torch.optim.swa_utils.AveragedModel`:
+    ema <- d * ema + (1 - d) * weights, with d = `ema_decay(decay, n, warmup)` after n updates."""
 
     @torch.no_grad()
     def update(ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor) -> None:
-        n = int(num_averaged)
-        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        d = ema_decay(decay, int(num_averaged), warmup)
         if ema_params[0].is_floating_point():
             torch._foreach_lerp_(ema_params, params, 1.0 - d)  # ema += (1 - d) * (w - ema)
         else:  # integer buffers (counters) are copied, not averaged
             torch._foreach_copy_(ema_params, params)
 
     return update
+
+
+class EMA(AveragedModel):
+    """The Trainer's average of the weights: an `AveragedModel` with `ema_update_fn`'s rule and
+    the same state (`module.*` and the update count `n_averaged`), whose update never waits
+    for the device. AveragedModel reads its count back from the device twice per update and the
+    rule once more; here the count is also kept on the host (`updates`, read from the state once
+    when a checkpoint is loaded), and each update only launches work."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True):
+        super().__init__(model, multi_avg_fn=ema_update_fn(decay, warmup), use_buffers=True)
+        self.decay, self.warmup, self.updates = decay, warmup, 0
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        averaged = [t.detach() for t in (*self.module.parameters(), *self.module.buffers())]
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if self.updates == 0:  # the first update copies the weights
+            torch._foreach_copy_(averaged, current)
+        else:
+            floats = [i for i, t in enumerate(averaged) if t.is_floating_point()]
+            others = [i for i, t in enumerate(averaged) if not t.is_floating_point()]
+            weight = 1.0 - ema_decay(self.decay, self.updates, self.warmup)
+            torch._foreach_lerp_([averaged[i] for i in floats], [current[i] for i in floats], weight)
+            if others:  # integer buffers (counters) are copied, not averaged
+                torch._foreach_copy_([averaged[i] for i in others], [current[i] for i in others])
+        self.n_averaged.add_(1)
+        self.updates += 1
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        result = super().load_state_dict(state_dict, *args, **kwargs)
+        self.updates = int(self.n_averaged)
+        return result
 
 
 def linear_warmup(warmup_steps: int):
@@ -300,8 +338,7 @@ class Trainer:
             weights, self.init = load_init_weights(config.init_from, self.model.config, process)
             self.model.load_state_dict(weights)
         self.model.to(self.device, memory_format=self.memory_format)
-        self.ema = AveragedModel(self.model, multi_avg_fn=ema_update_fn(config.ema_decay, config.ema_warmup),
-                                 use_buffers=True)
+        self.ema = EMA(self.model, config.ema_decay, config.ema_warmup)
         self.ema.eval()  # it is only ever sampled from
         # What train_step calls: the model, under torchrun wrapped in DDP (made after the EMA's
         # copy, so the copy carries none of DDP's hooks), then maybe compiled (DDP first, as

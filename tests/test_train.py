@@ -27,6 +27,7 @@ from naivediffusion.config import TrainConfig
 from naivediffusion.data import EpochBatchSampler
 from naivediffusion.runfolder import TrainingDivergedError
 from naivediffusion.train import (
+    EMA,
     Trainer,
     adamw,
     ema_update_fn,
@@ -156,6 +157,43 @@ def test_ema_warmup_follows_its_formula():
         model.weight.fill_(1.0)
         ema.update_parameters(model)
     assert ema.module.weight.item() == pytest.approx(0.1)
+
+
+def test_the_trainers_ema_is_averagedmodel_with_the_rule(tmp_path):
+    """EMA takes the very values of AveragedModel with ema_update_fn, update for update (float
+    weights and an integer buffer), keeps the same state, and continues from a loaded state."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))  # num_batches_tracked: int
+    reference = AveragedModel(model, multi_avg_fn=ema_update_fn(0.99), use_buffers=True)
+    ema = EMA(model, 0.99)
+    for n in range(30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            model[1].num_batches_tracked += 1
+        reference.update_parameters(model)
+        ema.update_parameters(model)
+        for (name, a), b in zip(reference.state_dict().items(), ema.state_dict().values(), strict=True):
+            assert torch.equal(a, b), (n, name)
+        if n == 14:  # a resumed run: a new EMA from the saved state
+            ema = EMA(model, 0.99)
+            ema.load_state_dict(reference.state_dict())
+            assert ema.updates == 15
+
+
+def test_a_training_step_never_waits_for_the_device(tmp_path):
+    """No number comes back from the device in train_step (counted on the CPU with a dispatch
+    mode: .item(), int(tensor), data-dependent shapes), the EMA update included."""
+    from test_sampling import HostReads
+
+    trainer = Trainer(tiny_config(tmp_path / "run", dropout=0.1, class_conditional=True, p_uncond=0.5))
+    x0, labels = torch.rand(8, 1, 28, 28) * 2 - 1, torch.arange(8)
+    trainer.train_step(x0, labels)  # the first update copies the weights
+    with HostReads() as reads:
+        trainer.train_step(x0, labels)
+        trainer.train_step(x0, labels)
+    assert reads.count == 0
+    assert int(trainer.ema.n_averaged) == trainer.ema.updates == 3
 
 
 def test_linear_warmup():
