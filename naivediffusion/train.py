@@ -376,7 +376,7 @@ class Trainer:
         self.scheduler = LambdaLR(self.optimizer, lambda step: self.lr_factor(step))
         # fp16 has a narrow range: small gradients underflow to 0 unless the loss is scaled
         # up first (and the gradients scaled back down before the step). bf16 does not need it.
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
     @classmethod
     def resume(cls, run_dir: str | os.PathLike, *, data=None, **overrides) -> Trainer:

@@ -375,6 +375,32 @@ def test_resume_puts_adams_steps_where_the_fused_kernel_needs_them(trained_run, 
     trainer.train_step(torch.rand(4, 1, 28, 28) * 2 - 1)  # the fused kernel runs on it
 
 
+def test_fp16_skips_a_step_with_an_infinite_gradient_and_resumes_its_scale(tmp_path, monkeypatch):
+    """The fp16 path (a CUDA-only choice) run on the CPU with GradScaler("cpu"): an infinite
+    gradient skips the optimizer step and halves the scale, and a resumed run has that scale."""
+    import naivediffusion.train as train_module
+
+    monkeypatch.setattr(train_module, "resolve_precision", lambda precision, device: "fp16")
+    trainer = Trainer(tiny_config(tmp_path / "run", steps=2))
+    assert trainer.precision == "fp16" and trainer.scaler.is_enabled()
+    x0 = torch.rand(8, 1, 28, 28) * 2 - 1
+    trainer.train_step(x0)
+    scale = trainer.scaler.get_scale()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    weight = next(trainer.model.parameters())
+    hook = weight.register_hook(lambda grad: torch.full_like(grad, math.inf))
+    trainer.train_step(x0)
+    hook.remove()
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())  # skipped
+    assert trainer.scaler.get_scale() == scale / 2
+    trainer.step = 2
+    trainer.save_checkpoint()
+    resumed = Trainer.resume(tmp_path / "run", steps=3)
+    assert resumed.scaler.is_enabled() and resumed.scaler.get_scale() == scale / 2
+    resumed.train_step(x0)  # a finite step goes through again
+    assert not all(torch.equal(before[k], v) for k, v in resumed.model.state_dict().items())
+
+
 def test_bf16_autocast_trains_float32_weights(tmp_path):
     trainer = Trainer(tiny_config(tmp_path / "bf16", steps=1, precision="bf16"))
     result = trainer.train(progress=False)
