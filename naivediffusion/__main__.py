@@ -56,10 +56,10 @@ from .quality import (
     smudge_fraction,
     train_classifier,
 )
-from .runfolder import TrainingDivergedError
+from .runfolder import TrainingDivergedError, TrainingInterrupted
 from .sampling import DDIM_STEPS, DEFAULT_ETA, SAMPLERS, draw
 from .schedule import SCHEDULES
-from .train import Trainer, TrainingInterrupted
+from .train import Trainer
 
 EXIT_USAGE = 2
 

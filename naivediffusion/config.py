@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .budget import pick_device
 from .checkpoint import CheckpointError
 from .data import FOLDER_PREFIX
@@ -201,6 +203,28 @@ RESUMABLE_FIELDS = frozenset({
     "channels_last",
     "log_every", "sample_every", "checkpoint_every", "num_sample_images", "sample_steps",
 })
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bf16" on GPUs that have it (Ampere and later), "fp16" on older ones such
+    as the T4, "fp32" on CPU and MPS. An explicit choice is checked against the device."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        # Ask the hardware: is_bf16_supported() also says yes where bf16 is only emulated (slowly).
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"--precision fp16 needs a CUDA GPU (the device is {device.type}); "
+                         "use fp32 or bf16")
+    if precision == "bf16" and device.type == "mps":
+        raise ValueError("--precision bf16 is not supported on MPS; use fp32")
+    if precision == "bf16" and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:  # before Ampere: no bf16 arithmetic, only a slow emulation of it
+            raise ValueError(f"--precision bf16: this GPU (compute capability {major}.{minor}, e.g. a "
+                             "T4) has no native bf16 and would emulate it very slowly; use fp16 "
+                             "(what --precision auto picks here)")
+    return precision
 
 
 def _dataset_slug(name: str) -> str:

@@ -1,5 +1,5 @@
-"""A training run's folder: the files the Trainer writes into it, what they hold, and the
-guard against a diverged run.
+"""A training run's folder: the files the Trainer writes into it, what they hold, the guard
+against a diverged run, and how a run stops on a signal.
 
     run_dir/log.jsonl                 every log_every steps, a line: {"step", "loss" (the mean
                                       since the last line), "lr", "images_per_sec", "elapsed"}
@@ -12,7 +12,9 @@ the line is written or a checkpoint is about to be: a loss that turned NaN or in
 the run there (TrainingDivergedError), and the last good checkpoint is never overwritten.
 Under torchrun every process keeps a `RunFolder` and computes the same numbers; only rank 0
 writes. What a checkpoint.pt holds, and how a Trainer continues from it, are `run_state` and
-`restore_run_state`; ema.pt is `ema_release` (the format is `checkpoint`'s).
+`restore_run_state`; ema.pt is `ema_release` (the format is `checkpoint`'s). Ctrl-C or
+SIGTERM (`StopOnSignal`) lets the step under way finish and the run write its checkpoint,
+then raises `TrainingInterrupted`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +41,42 @@ from .checkpoint import (
 )
 from .data import derive_seed
 from .distributed import Distributed, mean_over_processes
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was stopped by Ctrl-C (SIGINT) or SIGTERM after writing a checkpoint."""
+
+    def __init__(self, signum: int, checkpoint: Path, step: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; "
+                         f"checkpoint written to {checkpoint}")
+        self.signum, self.checkpoint, self.step = signum, checkpoint, step
+        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as shells report them
+
+
+class StopOnSignal:
+    """While active, Ctrl-C (SIGINT) and SIGTERM only set `signum`; the training loop looks at
+    it after each step, so a stop never lands half-way through an optimizer update. Outside
+    the main thread (where Python cannot install handlers) it does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.signum, self._previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C: stop now, the old way
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
 
 
 class TrainingDivergedError(ValueError):

@@ -14,8 +14,8 @@ samples, survives a crashed session and can be repeated bit for bit needs more:
 - Batches in a reproducible, resumable order (`data.EpochBatchSampler`); checkpoints
   written atomically and loaded with `torch.load(weights_only=True)`, so a checkpoint
   cannot run code (`checkpoint`).
-- A guard that stops training at the first non-finite loss, and the run folder's files
-  (`runfolder`).
+- A guard that stops training at the first non-finite loss, a clean stop on Ctrl-C or
+  SIGTERM, and the run folder's files (`runfolder`).
 - Many processes under torchrun, one global batch (`distributed`).
 
     config = TrainConfig.for_dataset("mnist", steps=2000, run_dir="runs/mnist")
@@ -29,8 +29,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -43,7 +41,7 @@ from tqdm.auto import tqdm
 
 from .budget import pick_device
 from .checkpoint import load_checkpoint, load_init_weights
-from .config import TrainConfig, resumed_config
+from .config import TrainConfig, resolve_precision, resumed_config
 from .data import (
     FOLDER_PREFIX,
     EpochBatchSampler,
@@ -64,68 +62,18 @@ from .distributed import (
     rank_slice,
     wrap_for_processes,
 )
-from .runfolder import RunFolder, ema_release, refuse_existing_run, restore_run_state, run_state
+from .runfolder import (
+    RunFolder,
+    StopOnSignal,
+    TrainingInterrupted,
+    ema_release,
+    refuse_existing_run,
+    restore_run_state,
+    run_state,
+)
 from .unet import UNet
 
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training was stopped by Ctrl-C (SIGINT) or SIGTERM after writing a checkpoint."""
-
-    def __init__(self, signum: int, checkpoint: Path, step: int):
-        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; "
-                         f"checkpoint written to {checkpoint}")
-        self.signum, self.checkpoint, self.step = signum, checkpoint, step
-        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as shells report them
-
-
-class _StopOnSignal:
-    """While active, Ctrl-C (SIGINT) and SIGTERM only set `signum`; the training loop looks at
-    it after each step, so a stop never lands half-way through an optimizer update. Outside
-    the main thread (where Python cannot install handlers) it does nothing."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self):
-        self.signum, self._previous = None, {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # a second Ctrl-C: stop now, the old way
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        return False
-
-
 # ------------------------------------------------------- the pieces of a step
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> "bf16" on GPUs that have it (Ampere and later), "fp16" on older ones such
-    as the T4, "fp32" on CPU and MPS. An explicit choice is checked against the device."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        # Ask the hardware: is_bf16_supported() also says yes where bf16 is only emulated (slowly).
-        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError(f"--precision fp16 needs a CUDA GPU (the device is {device.type}); "
-                         "use fp32 or bf16")
-    if precision == "bf16" and device.type == "mps":
-        raise ValueError("--precision bf16 is not supported on MPS; use fp32")
-    if precision == "bf16" and device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        if major < 8:  # before Ampere: no bf16 arithmetic, only a slow emulation of it
-            raise ValueError(f"--precision bf16: this GPU (compute capability {major}.{minor}, e.g. a "
-                             "T4) has no native bf16 and would emulate it very slowly; use fp16 "
-                             "(what --precision auto picks here)")
-    return precision
 
 
 def seed_dropout(seed: int, rank: int, *keys) -> None:
@@ -221,30 +169,20 @@ class EMA(AveragedModel):
         return result
 
 
-def linear_warmup(warmup_steps: int):
-    """Learning-rate factor after `step` optimizer steps: rises linearly to 1 over warmup_steps."""
+def lr_factor(step: int, warmup_steps: int, schedule: str = "constant", total_steps: int | None = None) -> float:
+    """The learning rate after `step` optimizer steps, as a multiple of the peak `lr`.
 
-    def factor(step: int) -> float:
-        return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
-
-    return factor
-
-
-def cosine_decay(warmup_steps: int, total_steps: int):
-    """Learning-rate factor after `step` optimizer steps: 1 during the warm-up, then half a
-    cosine from 1 down to 0 at `total_steps` (Loshchilov & Hutter 2017, without restarts).
-
-    Multiplied with `linear_warmup`. A small learning rate at the end of a run averages out the
-    noise of the last updates, which the EMA alone does only over its ~1/(1 - decay) steps.
+    A linear warm-up to 1 over `warmup_steps` (Appendix B: 5,000 steps for CIFAR-10), then
+    constant, or for schedule "cosine" half a cosine from 1 down to 0 at `total_steps`
+    (Loshchilov & Hutter 2017, without restarts; constant while total_steps is not yet known).
+    A small learning rate at the end of a run averages out the noise of the last updates,
+    which the EMA alone does only over its ~1/(1 - decay) steps.
     """
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+    warm = 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+    if schedule != "cosine" or total_steps is None or step < warmup_steps:
+        return warm
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 # ------------------------------------------------------------------ the trainer
@@ -373,7 +311,8 @@ class Trainer:
         self.planned_steps: int | None = None if config.max_minutes else config.steps
         # The closure reads self.planned_steps when it is called: a run bounded by --max-minutes
         # learns its length only after the warm-up (see `_plan_steps`).
-        self.scheduler = LambdaLR(self.optimizer, lambda step: self.lr_factor(step))
+        self.scheduler = LambdaLR(self.optimizer, lambda step: lr_factor(
+            step, config.warmup_steps, config.lr_schedule, self.planned_steps))
         # fp16 has a narrow range: small gradients underflow to 0 unless the loss is scaled
         # up first (and the gradients scaled back down before the step). bf16 does not need it.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -397,13 +336,6 @@ class Trainer:
         return cls(resumed_config(checkpoint, run_dir, **overrides), checkpoint=checkpoint, data=data)
 
     # ---------------------------------------------------------------- one step
-
-    def lr_factor(self, step: int) -> float:
-        """The learning rate after `step` optimizer steps, as a multiple of config.lr."""
-        factor = linear_warmup(self.config.warmup_steps)(step)
-        if self.config.lr_schedule == "cosine" and self.planned_steps is not None:
-            factor *= cosine_decay(self.config.warmup_steps, self.planned_steps)(step)
-        return factor
 
     # A run bounded by max_minutes measures its speed over steps PLAN_AFTER // 2 .. PLAN_AFTER
     # (or to the end of the warm-up, if later), when the first slow steps are behind it.
@@ -532,7 +464,7 @@ class Trainer:
         mark = None  # (step, elapsed) where the speed measurement of a timed run starts
         signum = None  # the signal that stops the run (under torchrun, as all processes agreed)
         try:
-            with _StopOnSignal() as stop:
+            with StopOnSignal() as stop:
                 while self.step < (self.planned_steps or cfg.steps) and not self._time_is_up():
                     loss, seconds = self._timed_step(batches)
                     if self.dist.enabled:  # one tiny all-reduce per step
@@ -599,14 +531,9 @@ class Trainer:
         if signum is not None:
             raise TrainingInterrupted(signum, self.folder.checkpoint_path, self.step)
         ema_path = self.save_ema()
-        return {
-            "step": self.step,
-            "loss": record["loss"] if record else None,
-            "checkpoint": str(self.folder.checkpoint_path),
-            "ema": str(ema_path),
-            "samples": str(grid) if grid else None,
-            "elapsed": self.elapsed,
-        }
+        return {"step": self.step, "loss": record["loss"] if record else None, "elapsed": self.elapsed,
+                "checkpoint": str(self.folder.checkpoint_path), "ema": str(ema_path),
+                "samples": str(grid) if grid else None}
 
     @torch.no_grad()
     def sample(self, n: int | None = None, steps: int | None = None) -> Tensor:

@@ -12,7 +12,8 @@ import torch
 from test_train import assert_same_state, tiny_config
 
 from naivediffusion.checkpoint import load_checkpoint
-from naivediffusion.train import Trainer, TrainingInterrupted
+from naivediffusion.runfolder import TrainingInterrupted
+from naivediffusion.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

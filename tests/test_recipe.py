@@ -22,7 +22,7 @@ from naivediffusion.checkpoint import (
 )
 from naivediffusion.config import CPU_DEFAULTS, DATASET_DEFAULTS, TrainConfig, runs_on_cpu
 from naivediffusion.quality import load_images, noise_fraction, roughness, smudge_fraction
-from naivediffusion.train import Trainer, cosine_decay
+from naivediffusion.train import Trainer, lr_factor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,8 +105,10 @@ def test_bad_weighting_settings_name_the_allowed_values():
 
 
 def test_cosine_decay_runs_from_one_to_zero_after_the_warmup():
-    factor = cosine_decay(warmup_steps=10, total_steps=110)
-    assert [factor(s) for s in (0, 9, 10)] == [1.0, 1.0, 1.0]
+    def factor(step):
+        return lr_factor(step, warmup_steps=10, schedule="cosine", total_steps=110)
+
+    assert [factor(s) for s in (0, 9, 10)] == [0.1, 1.0, 1.0]  # the warm-up, then the top
     assert factor(60) == pytest.approx(0.5)
     assert factor(35) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
     assert factor(110) == pytest.approx(0.0, abs=1e-12) and factor(500) == factor(110)
@@ -119,7 +121,8 @@ def test_a_cosine_run_logs_the_scheduled_learning_rates(tmp_path):
     Trainer(config).train(progress=False)
     lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     # The line of step s shows the rate set after s optimizer steps: warm-up times cosine.
-    expected = [1e-3 * min(1, (s + 1) / 2) * cosine_decay(2, 6)(s) for s in range(1, 7)]
+    cosine = [1.0 if s < 2 else 0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in range(1, 7)]
+    expected = [1e-3 * min(1, (s + 1) / 2) * c for s, c in zip(range(1, 7), cosine, strict=True)]
     assert [line["lr"] for line in lines] == pytest.approx(expected)
     assert lines[-1]["lr"] == 0.0
 
@@ -157,7 +160,7 @@ def test_max_minutes_ends_the_run_with_a_checkpoint_and_ema(tmp_path, monkeypatc
     assert load_checkpoint(tmp_path / "run" / "ema.pt")["step"] == 60
     # The schedule knew the end: the last logged rate is the cosine's last value, near zero.
     lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert lines[-1]["lr"] == pytest.approx(config.lr * cosine_decay(0, 60)(60), abs=1e-15) == 0.0
+    assert lines[-1]["lr"] == pytest.approx(config.lr * lr_factor(60, 0, "cosine", 60), abs=1e-15) == 0.0
     assert lines[29]["step"] == 30 and lines[29]["lr"] == pytest.approx(config.lr / 2)  # half-way
 
 

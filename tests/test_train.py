@@ -23,7 +23,7 @@ from naivediffusion.checkpoint import (
     save_atomic,
     unwrap_state_dict,
 )
-from naivediffusion.config import TrainConfig
+from naivediffusion.config import TrainConfig, resolve_precision
 from naivediffusion.data import EpochBatchSampler
 from naivediffusion.runfolder import TrainingDivergedError
 from naivediffusion.train import (
@@ -31,8 +31,7 @@ from naivediffusion.train import (
     Trainer,
     adamw,
     ema_update_fn,
-    linear_warmup,
-    resolve_precision,
+    lr_factor,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -197,9 +196,8 @@ def test_a_training_step_never_waits_for_the_device(tmp_path):
 
 
 def test_linear_warmup():
-    factor = linear_warmup(4)
-    assert [factor(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert linear_warmup(0)(0) == 1.0
+    assert [lr_factor(s, warmup_steps=4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_factor(0, warmup_steps=0) == 1.0
 
 
 def test_epoch_batch_sampler_is_reproducible_and_resumable():
@@ -559,7 +557,7 @@ def test_init_from_starts_from_the_ema_weights_with_a_new_optimizer(trained_run,
     trainer = Trainer(tiny_config(tmp_path / "fine", steps=2, init_from=str(trained_run / "ema.pt")))
     assert trainer.init == {"path": str(trained_run / "ema.pt"), "step": 4, "total_steps": 4}
     assert trainer.step == 0 and not trainer.optimizer.state
-    assert trainer.optimizer.param_groups[0]["lr"] == trainer.lr_factor(0) * trainer.config.lr
+    assert trainer.optimizer.param_groups[0]["lr"] == lr_factor(0, trainer.config.warmup_steps) * trainer.config.lr
     assert_same_state(unwrap_state_dict(trainer.model.state_dict()), source["ema"])
     assert_same_state(unwrap_state_dict(trainer.ema.state_dict()), source["ema"])  # the EMA starts there too
     fresh = Trainer(tiny_config(tmp_path / "fresh", steps=2))
