@@ -104,14 +104,9 @@ def main() -> None:
     for w in [] if args.unconditional_only else weights:
         start = time.perf_counter()
         images = draw(diffusion, model, info, args.n, args, asked, w)
-        predicted = quality.class_probabilities(classifier, images).argmax(1)
-        scores = quality.sample_quality(images, dataset, classifier=classifier, seed=args.seed)
-        results[f"{w:g}"] = {
-            "accuracy": (predicted == asked).double().mean().item(),
-            "fd": scores["fd"],
-            "smudges": quality.smudge_fraction(images, classifier=classifier),
-            "seconds": round(time.perf_counter() - start, 1),
-        }
+        scores = quality.score_samples(images, dataset, classifier, labels=asked, seed=args.seed)
+        results[f"{w:g}"] = {**{k: scores[k] for k in ("accuracy", "fd", "smudges")},
+                             "seconds": round(time.perf_counter() - start, 1)}
         floor = scores["fd_real"]
         r = results[f"{w:g}"]
         print(f"w = {w:4g}: accuracy {r['accuracy']:.4f}  FD {r['fd']:7.3f}  smudges {r['smudges']:.3f}  "

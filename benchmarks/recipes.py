@@ -39,9 +39,7 @@ from naivediffusion.likelihood import bits_per_dim
 from naivediffusion.quality import (
     load_classifier,
     load_images,
-    noise_fraction,
-    sample_quality,
-    smudge_fraction,
+    score_samples,
 )
 from naivediffusion.sampling import DDIM_STEPS, draw
 from naivediffusion.train import Trainer
@@ -77,15 +75,13 @@ def score(trainer: Trainer, n: int, sample_steps: int, bpd_images: int, bpd_time
     samples = draw(diffusion, model, n, trainer.image_shape, sampler="ddim", steps=sample_steps, eta=0.0,
                    batch_size=250, generator=generator, progress=False)
     classifier = load_classifier(trainer.config.dataset)
-    quality = sample_quality(samples, trainer.config.dataset, classifier=classifier, seed=seed)
+    quality = score_samples(samples, trainer.config.dataset, classifier, seed=seed)
     viz.save_grid(samples[:64], grid_path, nrow=8)
-    noisy = noise_fraction(samples, trainer.config.dataset)
     x0, _ = load_images(trainer.config.dataset, train=False, n=bpd_images, seed=seed)
     bpd = bits_per_dim(diffusion, model, x0.to(device), timesteps=bpd_timesteps,
                        generator=torch.Generator(device=device).manual_seed(seed))
     return {
-        "fd": quality["fd"], "fd_real": quality["fd_real"],
-        "smudges": smudge_fraction(samples, classifier=classifier), "noisy": noisy,
+        **{k: quality[k] for k in ("fd", "fd_real", "smudges", "noisy")},
         "bpd": bpd.mean().item(), "bpd_se": (bpd.std() / bpd.numel() ** 0.5).item(),
     }
 

@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     if model.num_classes is not None:
         parser.error(f"{args.checkpoint} is class-conditional: benchmarks/guidance.py compares its samplers")
     dataset = info["train_config"]["dataset"]
-    classifier = quality.load_classifier(dataset, device=args.device)
     print(f"{args.checkpoint}: {info['total_steps']:,} training steps; {args.n} samples per setting, "
           f"seed {args.seed}, {torch.get_num_threads()} threads on {args.device}, torch {torch.__version__}")
     print(f"{'sampler':<28} {'FD':>7} {'floor':>6} {'smudges':>8} {'noisy':>6} {'seconds':>8}  samples per class")
@@ -100,13 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                       steps=setting["steps"], eta=setting["eta"], batch_size=args.batch_size,
                       generator=torch.Generator(device=args.device).manual_seed(args.seed), progress=False)
         seconds = time.perf_counter() - start
-        # The package's classifier (the one above): its reference statistics are computed once.
-        scores = quality.sample_quality(images, dataset, seed=args.seed)
-        counts = torch.bincount(quality.class_probabilities(classifier, images).argmax(1),
-                                minlength=classifier.config["num_classes"]).tolist()
-        row = {"name": name_of(setting, diffusion.num_timesteps), **setting, "fd": scores["fd"],
-               "fd_real": scores["fd_real"], "smudges": quality.smudge_fraction(images, classifier=classifier),
-               "noisy": quality.noise_fraction(images, dataset), "class_counts": counts,
+        # The package's classifier: its reference statistics are computed once.
+        scores = quality.score_samples(images, dataset, seed=args.seed)
+        counts = scores["class_counts"]
+        row = {"name": name_of(setting, diffusion.num_timesteps), **setting,
+               **{k: scores[k] for k in ("fd", "fd_real", "smudges", "noisy", "class_counts")},
                "seconds": round(seconds, 1)}
         rows.append(row)
         print(f"{row['name']:<28} {row['fd']:7.2f} {row['fd_real']:6.2f} {row['smudges']:8.1%} "

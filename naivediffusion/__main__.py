@@ -19,6 +19,7 @@ diverged run) end with exit status 2 and one line on stderr that says what to do
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -42,21 +43,19 @@ from .config import (
     PRECISIONS,
     TrainConfig,
 )
-from .data import DATASETS, VALID_NAMES, load_dataset
+from .data import DATASETS, VALID_NAMES
 from .diffusion import OBJECTIVES, VARIANCES, WEIGHTINGS, Diffusion
 from .distributed import distributed_from_env, end_distributed, lost_another_process
 from .likelihood import bits_per_dim
 from .quality import (
-    class_probabilities,
     classifier_path,
     load_classifier,
-    noise_fraction,
-    sample_quality,
+    load_images,
     save_classifier,
-    smudge_fraction,
+    score_samples,
     train_classifier,
 )
-from .runfolder import TrainingDivergedError, TrainingInterrupted
+from .runfolder import TrainingDivergedError, TrainingInterrupted, describe_run
 from .sampling import DDIM_STEPS, DEFAULT_ETA, SAMPLERS, draw
 from .schedule import SCHEDULES
 from .train import Trainer
@@ -194,20 +193,14 @@ def _add_run_control_flags(g, defaults: TrainConfig) -> None:
     g.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_HELP)
 
 
-# Flags of `train` that map one to one onto TrainConfig fields.
-_TRAIN_FIELDS = (
-    "dataset", "run_dir", "steps", "batch_size", "lr", "warmup_steps", "lr_schedule",
-    "loss_weighting", "min_snr_gamma", "max_minutes", "class_conditional", "p_uncond", "grad_clip", "ema_decay",
-    "model", "dropout", "image_size", "timesteps", "schedule", "objective", "device",
-    "precision", "compile", "seed", "log_every", "sample_every", "checkpoint_every",
-    "num_sample_images", "num_workers", "data_root", "data_on_device", "init_from",
-)
 
 
 def run_train(args) -> int:
     """Train (or resume) the run the flags describe. Under torchrun every process runs this;
     rank 0 alone prints, and all leave the process group together at the end."""
-    given = {name: getattr(args, name) for name in _TRAIN_FIELDS if getattr(args, name) is not None}
+    # The flags given that are TrainConfig fields (--base-channels is a preset override).
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
     if args.base_channels is not None:
         given["model_overrides"] = {"base_channels": args.base_channels}
     if args.p_uncond is not None and not args.class_conditional and not args.resume:
@@ -223,17 +216,9 @@ def run_train(args) -> int:
                              "to continue one, pass --resume --run-dir DIR")
         trainer = Trainer(TrainConfig.for_dataset(given.pop("dataset"), **given))
 
-    cfg = trainer.config
     main_process = trainer.dist.is_main
-    millions = trainer.model.count_parameters() / 1e6
-    verb = f"resuming at step {trainer.step}" if args.resume else "training"
-    conditional = (f", class-conditional (p_uncond {cfg.p_uncond:g})" if cfg.class_conditional else "")
-    processes = (f" on {trainer.dist.world_size} processes ({cfg.batch_size // trainer.dist.world_size} each)"
-                 if trainer.dist.enabled else "")
     if main_process:
-        print(f"{verb}: {cfg.dataset} {'x'.join(map(str, trainer.image_shape))}, UNet {cfg.model!r} "
-              f"({millions:.1f}M parameters{conditional}), {trainer.device.type} {trainer.precision}, batch "
-              f"{cfg.batch_size}{processes}, {cfg.steps} steps -> {trainer.run_dir}", flush=True)
+        print(describe_run(trainer), flush=True)
     try:
         result = trainer.train(progress=not args.no_progress)
     except RuntimeError as err:
@@ -272,6 +257,21 @@ _VARIANCE_HELP = (
     "the reverse steps' fixed variance sigma_t^2 for bits/dim and the ddpm sampler: beta (beta_t) or "
     "posterior (beta-tilde_t of Eq. 7). Training's L_simple has no sigma, so the same network takes "
     "either (Sec. 3.2: similar samples); posterior gives a tighter bound (default: the checkpoint's)")
+
+
+def _add_drawing_flags(p, only: str = "") -> None:
+    """The flags `sample` and `evaluate` share: the checkpoint, the sampler and its noise, the
+    device. `only` ("fid: ") prefixes the help of the flags that apply to one metric only."""
+    p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                   help=f"{only}ddpm: Algorithm 2 over all T steps; ddim: Song et al. 2021 over --steps "
+                   "(default: ddim)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"{only}DDIM steps (default: {DDIM_STEPS}, or T if smaller; ddpm always runs all T)")
+    p.add_argument("--eta", type=float, default=None, help=only + _ETA_HELP)
+    p.add_argument("--variance", choices=VARIANCES, default=None, help=_VARIANCE_HELP)
+    p.add_argument("--device", choices=DEVICES, default="auto", help=_DEVICE_HELP)
+    p.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_HELP)
 
 
 def _load(args, device):
@@ -348,7 +348,7 @@ def add_sample_parser(subparsers) -> None:
         "sample", help="draw images from a trained model (its EMA weights)",
         description="Draw images with the EMA weights of a checkpoint and save them as a grid.",
     )
-    p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
+    _add_drawing_flags(p)
     p.add_argument("--n", type=int, default=64,
                    help="number of images, or with --label the number of each class (default: 64)")
     p.add_argument("--label", action="append", metavar="K",
@@ -359,20 +359,12 @@ def add_sample_parser(subparsers) -> None:
                    help="classifier-free guidance weight w >= 0 with --label: eps = (1 + w) eps(x, c) "
                    "- w eps(x); 0 is plain conditional sampling; s = 1 + w in other codebases "
                    "(default: 0)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                   help="ddpm: Algorithm 2 over all T steps; ddim: Song et al. 2021 over --steps "
-                   "(default: ddim)")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"DDIM steps (default: {DDIM_STEPS}, or T if smaller; ddpm always runs all T)")
-    p.add_argument("--eta", type=float, default=None, help=_ETA_HELP)
-    p.add_argument("--variance", choices=VARIANCES, default=None, help=_VARIANCE_HELP)
     p.add_argument("--out", default="grid.png", help="PNG file for the grid (default: grid.png)")
     p.add_argument("--nrow", type=int, default=None, help="images per row (default: sqrt of --n)")
     p.add_argument("--save-samples", metavar="PATH", default=None,
                    help="also save the images as one uint8 tensor [N, C, H, W] with torch.save, and "
                    "with --label their labels [N] beside it as PATH's stem + .labels.pt (default: not saved)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed and --batch-size draw the same images (default: 0)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help=_DEVICE_HELP)
     p.add_argument("--batch-size", type=int, default=256,
                    help="images drawn at once (default: 256)")
     p.add_argument("--compile", nargs="?", const="default", default="none", choices=COMPILE_MODES,
@@ -380,7 +372,6 @@ def add_sample_parser(subparsers) -> None:
                    help="torch.compile the network in MODE, one of " + ", ".join(COMPILE_MODES) +
                    " (the flag alone: default; reduce-overhead replays each call as a CUDA graph "
                    "on a GPU); pays off for many images drawn with one batch size (default: none)")
-    p.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_HELP)
     p.set_defaults(run=run_sample)
 
 
@@ -458,18 +449,13 @@ def add_evaluate_parser(subparsers) -> None:
         "(with the same score for real images, the floor) and the fraction of smudges. Prints the "
         "numbers and writes them to JSON.",
     )
-    parser.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
+    _add_drawing_flags(parser, only="fid: ")
     parser.add_argument("--metric", choices=tuple(METRICS), required=True,
                         help="bpd: the variational bound on test images in bits/dim (Eq. 5); "
                         "fid: Fréchet distance of samples to test images in the features of the "
                         "package's classifier, with the real-data floor (not Inception FID) (required)")
     parser.add_argument("--n", type=int, default=1000,
                         help="test images (bpd) or samples (fid) (default: 1000)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                        help="fid: ddpm runs all T steps, ddim --steps (default: ddim)")
-    parser.add_argument("--steps", type=int, default=None, help=f"fid: DDIM steps (default: {DDIM_STEPS})")
-    parser.add_argument("--eta", type=float, default=None, help="fid: " + _ETA_HELP)
-    parser.add_argument("--variance", choices=VARIANCES, default=None, help=_VARIANCE_HELP)
     parser.add_argument("--guidance", type=float, default=None, metavar="W",
                         help="fid of a class-conditional model: the guidance weight w >= 0; it draws "
                         "the classes in turn and also reports the fraction classified as the class "
@@ -482,11 +468,9 @@ def add_evaluate_parser(subparsers) -> None:
                         help="fid: classifier weights (default: the package's for the dataset)")
     parser.add_argument("--data-root", default=None, help="folder of the datasets "
                         "(default: the checkpoint's, else $NAIVEDIFFUSION_DATA)")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help=_DEVICE_HELP)
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed of the test images, noise and samples (default: 0)")
     parser.add_argument("--out", default="metrics.json", help="JSON file for the numbers (default: metrics.json)")
-    parser.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS_HELP)
     parser.set_defaults(run=run_evaluate)
 
 
@@ -548,11 +532,8 @@ def _evaluate_bpd(args, ev: _Evaluation, generator) -> tuple[dict, str]:
     diffusion, T = ev.diffusion, ev.diffusion.num_timesteps
     if args.timesteps is not None and not 1 <= args.timesteps <= T:
         raise ValueError(f"--timesteps must be from 1 to T={T}; got {args.timesteps}")
-    test = load_dataset(ev.dataset, root=ev.root, train=False, image_size=ev.image_size, augment=False)
-    if args.n > len(test):
-        raise ValueError(f"--n {args.n} is more than the {len(test)} test images of {ev.dataset}")
-    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))
-    x0 = torch.stack([test[i][0] for i in order[:args.n].tolist()]).to(ev.device)
+    x0, _ = load_images(ev.dataset, n=args.n, seed=args.seed, root=ev.root, image_size=ev.image_size)
+    x0 = x0.to(ev.device)
     bpd, terms = bits_per_dim(diffusion, ev.model, x0, timesteps=args.timesteps,
                               batch_size=args.batch_size, generator=generator,
                               progress=not args.no_progress, return_terms=True)
@@ -579,14 +560,9 @@ def _evaluate_fid(args, ev: _Evaluation, generator) -> tuple[dict, str]:
     # A class-conditional model draws the classes in turn, image i of class i mod K.
     labels = None if ev.model.num_classes is None else torch.arange(args.n) % ev.model.num_classes
     samples = _draw(ev.diffusion, ev.model, ev.info, args.n, args, generator, labels, ev.guidance)
-    scores = sample_quality(samples, ev.dataset, classifier=classifier, seed=args.seed, root=ev.root)
-    scores["smudges"] = smudge_fraction(samples, classifier=classifier)
-    scores["noisy"] = noise_fraction(samples, ev.dataset, root=ev.root)
-    classes = class_probabilities(classifier, samples).argmax(1)
-    scores["class_counts"] = torch.bincount(classes, minlength=classifier.config["num_classes"]).tolist()
+    scores = score_samples(samples, ev.dataset, classifier, labels, seed=args.seed, root=ev.root)
     if labels is not None:
         scores["guidance"] = ev.guidance
-        scores["accuracy"] = (classes == labels).double().mean().item()
     numbers = dict(
         sampler=args.sampler, steps=args.steps or ev.diffusion.num_timesteps, eta=args.eta,
         variance=ev.diffusion.variance, **scores,

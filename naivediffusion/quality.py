@@ -95,6 +95,7 @@ def load_images(
     n: int | None = None,
     seed: int = 0,
     root: str | None = None,
+    image_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Real images of a dataset as one tensor, without augmentation.
 
@@ -102,14 +103,15 @@ def load_images(
         train: the training split, else the test split.
         n: how many, drawn at random without replacement (fixed by `seed`); None: all,
             in the dataset's order.
+        image_size: resize them to this side (None: the dataset's own size).
     Returns:
         (images float32 [n, C, H, W] in [-1, 1], labels LongTensor [n]).
     """
-    data = load_dataset(dataset, root=root, train=train, augment=False)
+    data = load_dataset(dataset, root=root, train=train, image_size=image_size, augment=False)
     if n is not None:
         if not 1 <= n <= len(data):
-            raise ValueError(f"asked for {n} images of the {dataset} "
-                             f"{'training' if train else 'test'} split, which has {len(data)}")
+            raise ValueError(f"asked for {n} images, but the {dataset} {'training' if train else 'test'} "
+                             f"split has {len(data)}; ask for 1 to {len(data)}")
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
         data = torch.utils.data.Subset(data, order[:n].tolist())
     images, labels = [], []
@@ -383,3 +385,24 @@ def sample_quality(
         "reference": reference,
         "dataset": dataset,
     }
+
+
+def score_samples(samples: Tensor, dataset: str = "mnist", classifier: Classifier | None = None,
+                  labels: Tensor | None = None, seed: int = 0, root: str | None = None) -> dict:
+    """Every sample-quality number of `evaluate --metric fid` and the benchmarks, in one dict.
+
+    `sample_quality`'s {"fd", "fd_real", "n_samples", "n_reference", "reference", "dataset"},
+    and "smudges" (`smudge_fraction`), "noisy" (`noise_fraction`), "class_counts" (how many
+    samples the classifier puts in each class); with the `labels` [N] the samples were asked
+    for, "accuracy": the fraction classified as their label.
+    """
+    # Without a classifier, sample_quality keeps the reference statistics between calls.
+    scores = sample_quality(samples, dataset, classifier=classifier, seed=seed, root=root)
+    classifier = classifier or load_classifier(dataset)
+    scores["smudges"] = smudge_fraction(samples, classifier=classifier)
+    scores["noisy"] = noise_fraction(samples, dataset, root=root)
+    classes = class_probabilities(classifier, samples).argmax(1)
+    scores["class_counts"] = torch.bincount(classes, minlength=classifier.config["num_classes"]).tolist()
+    if labels is not None:
+        scores["accuracy"] = (classes == labels.cpu()).double().mean().item()
+    return scores

@@ -99,6 +99,18 @@ def _step_of(path: Path) -> str:
         return ""
 
 
+def describe_run(trainer) -> str:
+    """One line on what a Trainer is about to do: "training: mnist 1x28x28, UNet 'mnist' (...)"
+    (or "resuming at step N: ..."), as `python -m naivediffusion train` prints it first."""
+    cfg, dist = trainer.config, trainer.dist
+    verb = f"resuming at step {trainer.step}" if trainer.step else "training"
+    conditional = f", class-conditional (p_uncond {cfg.p_uncond:g})" if cfg.class_conditional else ""
+    processes = f" on {dist.world_size} processes ({cfg.batch_size // dist.world_size} each)" if dist.enabled else ""
+    return (f"{verb}: {cfg.dataset} {'x'.join(map(str, trainer.image_shape))}, UNet {cfg.model!r} "
+            f"({trainer.model.count_parameters() / 1e6:.1f}M parameters{conditional}), {trainer.device.type} "
+            f"{trainer.precision}, batch {cfg.batch_size}{processes}, {cfg.steps} steps -> {trainer.run_dir}")
+
+
 class RunFolder:
     """The files of the run in `path`, written by rank 0 of `dist`.
 

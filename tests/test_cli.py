@@ -349,7 +349,7 @@ def test_evaluate_errors(run_dir, tmp_path, capsys):
     assert_one_line_error(capsys, code, "mnist not found in", str(empty), "downloading is off")
     code = main(["evaluate", "--checkpoint", str(run_dir), "--metric", "bpd", "--n", "10001",
                  "--device", "cpu", "--out", str(out), "--no-progress"])
-    assert_one_line_error(capsys, code, "--n 10001 is more than the 10000 test images")
+    assert_one_line_error(capsys, code, "asked for 10001 images, but the mnist test split has 10000")
     assert not out.exists()
 
 

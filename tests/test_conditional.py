@@ -234,7 +234,7 @@ def test_evaluate_a_conditional_model_reports_the_accuracy_on_the_asked_for_clas
                                                                                    monkeypatch):
     import json
 
-    from naivediffusion import __main__ as cli
+    from naivediffusion import quality
 
     asked = []
     real = sampling.sample
@@ -245,7 +245,7 @@ def test_evaluate_a_conditional_model_reports_the_accuracy_on_the_asked_for_clas
 
     monkeypatch.setattr(sampling, "sample", spy)
     # The classifier calls every sample a 3: the accuracy is then the fraction of 3s asked for.
-    monkeypatch.setattr(cli, "class_probabilities",
+    monkeypatch.setattr(quality, "class_probabilities",
                         lambda classifier, x: torch.nn.functional.one_hot(torch.full((len(x),), 3), 10).float())
     out = tmp_path / "m.json"
     assert main(["evaluate", "--checkpoint", str(conditional_run), "--metric", "fid", "--n", "20",
