@@ -14,6 +14,7 @@ every chapter under every budget. Run it on a quiet machine: it is a timing.
 
     python benchmarks/book_budget.py --out benchmarks/results/book_budget.json
     python benchmarks/book_budget.py --chapters          # the estimates only, from the constants
+    python benchmarks/book_budget.py --chapters --out benchmarks/results/book_estimates.json
 """
 
 from __future__ import annotations
@@ -95,19 +96,34 @@ def measure(repeats: int) -> dict:
     }
 
 
-def print_estimates() -> None:
-    print(f"{'chapter':<15} {'budget':<6} {'network calls':>14} {'CPU min':>8} {'T4 min':>7}")
+def estimates() -> list[dict]:
+    """Each chapter's work under each budget, from the package's constants: network calls
+    (a training step counts 3), FLOPs (`budget.forward_flops`), minutes on the 2-core CPU and
+    on a T4 (`budget.estimate_seconds`)."""
+    rows = []
     for name, b in budget.BUDGETS.items():
         for chapter, work in budget.chapter_work(b).items():
-            calls = sum(w.calls * (3 if w.train else 1) for w in work)
-            print(f"{chapter:<15} {name:<6} {calls:14,} {budget.estimate_seconds(work) / 60:8.1f} "
-                  f"{budget.estimate_seconds(work, 't4') / 60:7.1f}")
+            flops = sum((3 if w.train else 1) * w.images * budget.forward_flops(w.network) for w in work)
+            rows.append({"chapter": chapter, "budget": name,
+                         "calls": sum(w.calls * (3 if w.train else 1) for w in work),
+                         "tflop": round(flops / 1e12, 1),
+                         "cpu_minutes": round(budget.estimate_seconds(work) / 60, 2),
+                         "t4_minutes": round(budget.estimate_seconds(work, "t4") / 60, 2)})
+    return rows
+
+
+def print_estimates(rows: list[dict]) -> None:
+    print(f"{'chapter':<15} {'budget':<6} {'network calls':>14} {'TFLOP':>8} {'CPU min':>8} {'T4 min':>7}")
+    for r in rows:
+        print(f"{r['chapter']:<15} {r['budget']:<6} {r['calls']:14,} {r['tflop']:8.1f} "
+              f"{r['cpu_minutes']:8.1f} {r['t4_minutes']:7.1f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", type=Path, help="write the measurement to this JSON file")
+    parser.add_argument("--out", type=Path, help="write the measurement (with --chapters: the estimates) "
+                        "to this JSON file")
     parser.add_argument("--chapters", action="store_true",
                         help="only print each chapter's estimate from the package's constants")
     args = parser.parse_args()
@@ -128,7 +144,20 @@ def main() -> None:
             }
             write_text_atomic(args.out, json.dumps(record, indent=1) + "\n")
             print(f"wrote {args.out}")
-    print_estimates()
+    rows = estimates()
+    print_estimates(rows)
+    if args.chapters and args.out:
+        record = {
+            "command": "python benchmarks/book_budget.py --chapters --out " + str(args.out),
+            "date": datetime.date.today().isoformat(),
+            "assumptions": {"t4_flops_per_second": budget.T4_FLOPS,
+                            "t4_seconds_per_call": budget.T4_SECONDS_PER_CALL,
+                            "gpu_chapter_seconds": budget.GPU_CHAPTER_SECONDS,
+                            "cpu": "the constants of benchmarks/results/book_budget.json"},
+            "chapters": rows,
+        }
+        write_text_atomic(args.out, json.dumps(record, indent=1) + "\n")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

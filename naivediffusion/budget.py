@@ -88,10 +88,15 @@ BUDGETS = {
         neighbour_pool=60_000,
         guidance_images=200, guidance_weights=(0.0, 0.5, 1.0, 3.0, 7.0), guidance_per_class=8,
         toy_points=4_000),
+    # A Colab T4: every chapter in at most about 10 minutes by its FLOP count at T4_FLOPS
+    # (`estimate_seconds(..., "t4")`; tests/test_book_budget.py keeps each under
+    # GPU_CHAPTER_SECONDS). Chapter 4 trains the full `mnist` network for 6,000 steps (about
+    # 8 min); chapter 6 scores 2,000 samples per sampler and the bound on 1,000 test images
+    # with all T terms (about 4 min).
     "gpu": Budget(
-        "gpu", train_steps=10_000, batch_size=128, num_samples=64, sample_steps=100,
+        "gpu", train_steps=6_000, batch_size=128, num_samples=64, sample_steps=100,
         ddpm_images=16, ddim_images=16, ddim_steps=(1000, 100, 50, 20, 10),
-        bpd_images=2_000, bpd_timesteps=1000, fd_images=2_000, fd_steps=(10, 20, 50, 100, 1000),
+        bpd_images=1_000, bpd_timesteps=1000, fd_images=2_000, fd_steps=(10, 20, 50, 100),
         fd_ddpm=True, neighbour_pool=60_000,
         guidance_images=2_000, guidance_weights=(0.0, 0.5, 1.0, 3.0, 7.0), guidance_per_class=8,
         toy_points=20_000),
@@ -202,11 +207,15 @@ CPU_SECONDS_PER_TRAINING_IMAGE = 0.0027
 # kernels are launch-bound (12 ms for a training step: backward and optimizer).
 T4_FLOPS = 4e12
 T4_SECONDS_PER_CALL = 0.004
+# The most a chapter may take under the `gpu` budget on a T4, by `estimate_seconds`: the book's
+# promise of about 10 minutes a chapter on a free Colab GPU.
+GPU_CHAPTER_SECONDS = 600
 
 
 @functools.cache
 def forward_flops(network: str) -> int:
-    """Floating-point operations of one forward pass on one image of the preset `network`,
+    """Floating-point operations of one forward pass on one image of the preset `network`
+    (a multiply-add counts two),
     counted with torch.utils.flop_counter on the meta device (nothing is computed)."""
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from nbclient import NotebookClient
+from torch.utils.flop_counter import FlopCounterMode
 
-from naivediffusion import budget
+from naivediffusion import UNet, budget
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -48,6 +50,24 @@ def test_cpu_budget_of_each_chapter_stays_under_its_ceiling(chapter):
 def test_cpu_budget_of_the_book_stays_under_its_ceiling():
     work = budget.chapter_work(budget.BUDGETS["cpu"])
     assert sum(budget.estimate_seconds(w) for w in work.values()) <= BOOK_CEILING_SECONDS
+
+
+@pytest.mark.parametrize("chapter", sorted(budget.chapter_work(budget.BUDGETS["gpu"])))
+def test_gpu_budget_of_each_chapter_fits_a_colab_t4(chapter):
+    """The `gpu` budget's FLOPs, recounted from the presets on the meta device, at the stated
+    T4 throughput, stay under GPU_CHAPTER_SECONDS (about 10 minutes a chapter)."""
+    work = budget.chapter_work(budget.BUDGETS["gpu"])[chapter]
+    flops = 0
+    for w in work:
+        with torch.device("meta"):
+            model = UNet.from_preset(w.network)
+        size, channels = model.config["image_size"], model.config["in_channels"]
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.zeros(1, channels, size, size, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"))
+        flops += (3 if w.train else 1) * w.images * counter.get_total_flops()
+    assert flops <= budget.GPU_CHAPTER_SECONDS * budget.T4_FLOPS, (chapter, flops / 1e12)
+    seconds = budget.estimate_seconds(work, "t4")
+    assert flops / budget.T4_FLOPS <= seconds <= budget.GPU_CHAPTER_SECONDS, (chapter, seconds)
 
 
 def test_the_work_grows_with_the_budget():

@@ -26,3 +26,46 @@ def test_stored_without_outputs_and_with_cell_ids(path):
 
 def test_every_chapter_is_checked():
     assert len(NOTEBOOKS) >= 7
+
+
+def _colab_cell(path: Path) -> str:
+    cells = json.loads(path.read_text())["cells"]
+    return "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
+
+
+def test_every_chapter_opens_with_the_same_colab_cell():
+    cells = {path.name: _colab_cell(path) for path in NOTEBOOKS}
+    assert len(set(cells.values())) == 1, sorted(cells)
+    assert "google.colab" in next(iter(cells.values()))
+
+
+@pytest.mark.parametrize("imported", [False, True])
+def test_the_colab_cell_replaces_an_older_install_every_time(monkeypatch, capsys, imported):
+    """Run in a pretend Colab, the first cell removes the installed package and installs the
+    code on GitHub (pip keeps an install whose version number is unchanged); it touches no other
+    package (Colab's torch stays), and says when the kernel still holds the old modules."""
+    import subprocess
+    import sys
+    import types
+
+    commands = []
+    monkeypatch.setattr(subprocess, "run", lambda args, check: commands.append((args, check)))
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    if imported:
+        monkeypatch.setitem(sys.modules, "naivediffusion", types.ModuleType("naivediffusion"))
+    else:
+        monkeypatch.delitem(sys.modules, "naivediffusion", raising=False)
+    exec(_colab_cell(NOTEBOOKS[0]), {})
+    pip = [sys.executable, "-m", "pip", "-q"]
+    assert commands == [([*pip, "uninstall", "-y", "naivediffusion"], True),
+                        ([*pip, "install", "git+https://github.com/liuximeng09/NaiveDiffusion"], True)]
+    assert ("Restart the session" in capsys.readouterr().out) == imported
+
+
+def test_the_colab_cell_does_nothing_elsewhere(monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("ran a command outside Colab"))
+    exec(_colab_cell(NOTEBOOKS[0]), {})
