@@ -218,6 +218,25 @@ class TimestepSequential(nn.Sequential):
         return x
 
 
+def _level_resolutions(image_size: int, channel_mults, attention_resolutions, num_classes) -> list[int]:
+    """The side length of each level of a UNet ([32, 16, 8, 4] for CIFAR-10's), after checking
+    that its settings fit together: one one-line error for each way they can not."""
+    num_levels = len(channel_mults)
+    if num_levels < 1:
+        raise ValueError("channel_mults needs at least one level")
+    if image_size % 2 ** (num_levels - 1):
+        raise ValueError(f"image_size must be a multiple of {2 ** (num_levels - 1)} for {num_levels} "
+                         f"levels; got {image_size}")
+    resolutions = [image_size // 2**level for level in range(num_levels)]
+    unmatched = sorted(set(attention_resolutions) - set(resolutions))
+    if unmatched:
+        raise ValueError(f"attention_resolutions {unmatched} match no level: with image_size={image_size} "
+                         f"the levels have resolutions {resolutions}")
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes must be None or at least 1; got {num_classes}")
+    return resolutions
+
+
 class UNet(nn.Module):
     """The noise-prediction network eps_theta(x_t, t) of DDPM (Appendix B).
 
@@ -309,45 +328,21 @@ class UNet(nn.Module):
         # Everything needed to rebuild this network: UNet(**model.config). Lists, not tuples,
         # so the dict survives a round trip through JSON.
         self.config = dict(
-            in_channels=in_channels,
-            base_channels=base_channels,
-            channel_mults=list(channel_mults),
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=list(attention_resolutions),
-            num_heads=num_heads,
-            dropout=dropout,
-            num_classes=num_classes,
-            image_size=image_size,
+            in_channels=in_channels, base_channels=base_channels, channel_mults=list(channel_mults),
+            num_res_blocks=num_res_blocks, attention_resolutions=list(attention_resolutions),
+            num_heads=num_heads, dropout=dropout, num_classes=num_classes, image_size=image_size,
             min_group_channels=min_group_channels,
         )
-        num_levels = len(channel_mults)
-        if num_levels < 1:
-            raise ValueError("channel_mults needs at least one level")
         # Each level but the last halves the size, so H and W must survive that many halvings.
-        self.num_levels = num_levels
+        num_levels = self.num_levels = len(channel_mults)
         self.size_multiple = 2 ** (num_levels - 1)
-        if image_size % self.size_multiple:
-            raise ValueError(
-                f"image_size must be a multiple of {self.size_multiple} for {num_levels} levels; "
-                f"got {image_size}"
-            )
-        resolutions = [image_size // 2**level for level in range(num_levels)]
-        unmatched = sorted(set(attention_resolutions) - set(resolutions))
-        if unmatched:
-            raise ValueError(
-                f"attention_resolutions {unmatched} match no level: with image_size={image_size} "
-                f"the levels have resolutions {resolutions}"
-            )
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be None or at least 1; got {num_classes}")
+        resolutions = _level_resolutions(image_size, channel_mults, attention_resolutions, num_classes)
         self.num_classes = num_classes
 
         time_dim = 4 * base_channels
         self.time_embedding = TimeEmbedding(base_channels, time_dim)
         # One more row than classes: the last one, index num_classes, means "no label".
-        self.class_embedding = (
-            nn.Embedding(num_classes + 1, time_dim) if num_classes is not None else None
-        )
+        self.class_embedding = nn.Embedding(num_classes + 1, time_dim) if num_classes is not None else None
 
         def res_block(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, time_dim, dropout, min_group_channels)
@@ -371,9 +366,8 @@ class UNet(nn.Module):
                 skip_channels.append(ch)
 
         # Middle, at the smallest size, where attention is cheapest and sees the whole image.
-        self.mid = TimestepSequential(
-            res_block(ch, ch), AttentionBlock(ch, num_heads, min_group_channels), res_block(ch, ch)
-        )
+        self.mid = TimestepSequential(res_block(ch, ch), AttentionBlock(ch, num_heads, min_group_channels),
+                                      res_block(ch, ch))
 
         # Up: every entry first concatenates one skip, the last one saved comes first.
         self.up = nn.ModuleList()
