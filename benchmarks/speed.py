@@ -4,10 +4,14 @@ each fast path on and off; model-FLOPs utilisation; the sampler's overhead.
 Our step is the real one, `Trainer.train_step` (AdamW, clipping, EMA, the scheduler), fed by
 `Trainer.batches()` from synthetic uint8 images held on the device (`data.InMemoryImages`).
 diffusers' network gets the same step around it: the same loss, optimizer, clipping and EMA
-code. The contestants are timed in interleaved rounds in one process (so that a noisy
-neighbour or a GPU's clock changes hit all of them alike) and each row reports the median
-round; "vs diffusers" is a row's step time over diffusers' at the same compile mode.
-Prints numbers; it is not a test.
+code. The contestants of one compile mode are timed in interleaved rounds in one process (so
+that a noisy neighbour or a GPU's clock changes hit all of them alike) and each row reports the
+median round; "vs diffusers" is a row's step time over diffusers' at the same compile mode.
+The compile modes are measured one after another, in the order given (the rows without a
+--compile mode of their own, --data-on-host and --contiguous, with the first), and the DDIM
+sampler after the first mode. --json PATH is rewritten (atomically) after each mode's rows and
+after the sampler, with "complete": false until the end, so that a run killed part-way, say
+while it compiles, leaves what it had measured. Prints numbers; it is not a test.
 
     python benchmarks/speed.py                                   # this machine's device, defaults below
     python benchmarks/speed.py --device cpu --model ddpm-cifar10 --batch-size 16
@@ -32,7 +36,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -296,6 +302,37 @@ def load_diffusers(wanted: bool):
     return diffusers
 
 
+def save_json(path: str | None, result: dict) -> None:
+    """Write `result` to `path` at once or not at all: a temporary file in the same folder,
+    then os.replace, so that a reader (or a kill) never sees half a file."""
+    if not path:
+        return
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    os.replace(temporary, path)
+
+
+def measured_row(c: Contestant, flops: dict, twins: dict, peak: float | None) -> dict:
+    """The numbers of one timed contestant; `twins`: diffusers' step time by compile mode."""
+    kind = "diffusers" if c.name.startswith("diffusers") else "naivediffusion"
+    base = twins.get(c.mode)
+    achieved = flops[kind] / c.seconds
+    return {"name": c.name, "compile": c.mode, "parameters": c.parameters, "seconds_per_step": c.seconds,
+            "images_per_sec": c.batch / c.seconds, "relative_to_diffusers": c.seconds / base if base else None,
+            "tflops_per_sec": achieved / 1e12, "mfu": achieved / peak if peak else None,
+            "peak_mib": c.peak_mib, "rounds": c.rounds}
+
+
+def print_row(c: Contestant, row: dict) -> None:
+    ratio, mfu = row["relative_to_diffusers"], row["mfu"]
+    print(f"{c.name:52} {c.parameters / 1e6:7.2f}M {1000 * c.seconds:9.2f} {row['images_per_sec']:8.0f} "
+          f"{(f'{ratio:.2f}x') if ratio else '-':>12} "
+          f"{(f'{100 * mfu:.1f}%') if mfu is not None else '-':>6} "
+          f"{(f'{c.peak_mib:.0f}') if c.peak_mib else '-':>9}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ddpm-cifar10", choices=sorted(DATASET_OF), help="default: ddpm-cifar10")
@@ -315,7 +352,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     parser.add_argument("--sampling", type=int, metavar="N",
                         help=f"also time DDIM-{DDIM_STEPS} of N images against its {DDIM_STEPS} network calls")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the results as JSON here, after each compile mode's rows")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile's backend (default: inductor, the one that makes code); "
                         "aot_eager traces the graphs and runs them as they are, for checking a run "
@@ -334,7 +372,7 @@ def main() -> None:
     if args.dry_run:
         args.batch_size, args.steps, args.rounds, args.warmup = 4, 2, 1, 1
         args.sampling = args.sampling and 8
-    modes = [m.strip() for m in args.compile.split(",") if m.strip()]
+    modes = list(dict.fromkeys(m.strip() for m in args.compile.split(",") if m.strip()))
     unknown = [m for m in modes if m not in COMPILE_MODES]
     if unknown or not modes:
         parser.error(f"unknown --compile mode {', '.join(unknown) or '(none given)'}; "
@@ -362,47 +400,42 @@ def main() -> None:
         twin = next((c for c in contestants if c.name.startswith("diffusers")), None)
         if twin is not None:
             flops["diffusers"] = count_flops(twin, shape, device)
-        time_rounds(contestants, device, args.steps, args.rounds, args.warmup)
-        sampling = sampling_overhead(args, device, precision) if args.sampling else None
-
-    peak = peak_flops(device, precision)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)"
-    print(f"{args.model}, batch {args.batch_size}, {precision}, on {name}, torch {torch.__version__}"
-          + (f", diffusers {diffusers.__version__}" if diffusers is not None and twin is not None else ""))
-    print(f"{args.rounds} interleaved rounds of {args.steps} steps after {args.warmup} warm-up steps; "
-          "median round")
-    rows = []
-    # Each row against diffusers' network under the same compile mode.
-    twins = {c.mode: c.seconds for c in contestants if c.name.startswith("diffusers")}
-    header = f"{'':52} {'params':>8} {'ms/step':>9} {'img/s':>8} {'vs diffusers':>12} {'MFU':>6} {'peak MiB':>9}"
-    print(header)
-    for c in contestants:
-        kind = "diffusers" if c.name.startswith("diffusers") else "naivediffusion"
-        base = twins.get(c.mode)
-        achieved = flops[kind] / c.seconds
-        mfu = achieved / peak if peak else None
-        row = {"name": c.name, "parameters": c.parameters, "seconds_per_step": c.seconds,
-               "images_per_sec": c.batch / c.seconds, "relative_to_diffusers": c.seconds / base if base else None,
-               "tflops_per_sec": achieved / 1e12, "mfu": mfu, "peak_mib": c.peak_mib, "rounds": c.rounds}
-        rows.append(row)
-        print(f"{c.name:52} {c.parameters / 1e6:7.2f}M {1000 * c.seconds:9.2f} {row['images_per_sec']:8.0f} "
-              f"{(f'{c.seconds / base:.2f}x') if base else '-':>12} "
-              f"{(f'{100 * mfu:.1f}%') if mfu is not None else '-':>6} "
-              f"{(f'{c.peak_mib:.0f}') if c.peak_mib else '-':>9}")
-    print(f"network forward + backward: {flops['naivediffusion'] / 1e9:.1f} GFLOPs per step"
-          + (f" (diffusers' twin: {flops['diffusers'] / 1e9:.1f})" if "diffusers" in flops else "")
-          + (f"; peak {peak / 1e12:.0f} TFLOP/s at {precision}" if peak else "; no peak known for MFU"))
-    if sampling:
-        print(f"sampling: DDIM-{sampling['ddim_steps']} of {sampling['n']} images in {sampling['sample_s']:.2f} s; "
-              f"its {sampling['ddim_steps']} network calls alone {sampling['network_calls_s']:.2f} s "
-              f"(the sampler adds {100 * sampling['overhead']:.1f}%)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "batch_size": args.batch_size, "precision": precision,
-                       "device": name, "torch": torch.__version__, "flops_per_step": flops,
-                       "peak_flops": peak, "rows": rows, "sampling": sampling,
-                       "command": "python benchmarks/speed.py " + " ".join(__import__("sys").argv[1:])},
-                      f, indent=1)
+        peak = peak_flops(device, precision)
+        name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"{device.type} ({torch.get_num_threads()} threads)")
+        result = {"model": args.model, "batch_size": args.batch_size, "precision": precision,
+                  "device": name, "torch": torch.__version__,
+                  "diffusers": diffusers.__version__ if twin is not None else None,
+                  "flops_per_step": flops, "peak_flops": peak, "rows": [], "sampling": None,
+                  "complete": False, "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:])}
+        print(f"{args.model}, batch {args.batch_size}, {precision}, on {name}, torch {torch.__version__}"
+              + (f", diffusers {diffusers.__version__}" if twin is not None else ""))
+        print(f"network forward + backward: {flops['naivediffusion'] / 1e9:.1f} GFLOPs per step"
+              + (f" (diffusers' twin: {flops['diffusers'] / 1e9:.1f})" if "diffusers" in flops else "")
+              + (f"; peak {peak / 1e12:.0f} TFLOP/s at {precision}" if peak else "; no peak known for MFU"))
+        print(f"{args.rounds} interleaved rounds of {args.steps} steps after {args.warmup} warm-up steps, "
+              "per compile mode; median round")
+        print(f"{'':52} {'params':>8} {'ms/step':>9} {'img/s':>8} {'vs diffusers':>12} {'MFU':>6} {'peak MiB':>9}",
+              flush=True)
+        for i, mode in enumerate(modes):
+            group = [c for c in contestants if c.mode == mode]
+            time_rounds(group, device, args.steps, args.rounds, args.warmup)
+            # Each row against diffusers' network under the same compile mode.
+            twins = {c.mode: c.seconds for c in group if c.name.startswith("diffusers")}
+            for c in group:
+                row = measured_row(c, flops, twins, peak)
+                result["rows"].append(row)
+                print_row(c, row)
+            save_json(args.json, result)
+            if i == 0 and args.sampling:  # before the next mode compiles
+                sampling = result["sampling"] = sampling_overhead(args, device, precision)
+                print(f"sampling: DDIM-{sampling['ddim_steps']} of {sampling['n']} images in "
+                      f"{sampling['sample_s']:.2f} s; its {sampling['ddim_steps']} network calls alone "
+                      f"{sampling['network_calls_s']:.2f} s (the sampler adds {100 * sampling['overhead']:.1f}%)",
+                      flush=True)
+                save_json(args.json, result)
+        result["complete"] = True
+        save_json(args.json, result)
 
 
 if __name__ == "__main__":
