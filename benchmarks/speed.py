@@ -47,15 +47,10 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from naivediffusion import Diffusion, UNet, pick_device
-from naivediffusion.config import COMPILE_MODES, PRECISIONS, TrainConfig
+from naivediffusion.config import COMPILE_MODES, PRECISIONS, TrainConfig, resolve_precision
 from naivediffusion.data import InMemoryImages
 from naivediffusion.sampling import DDIM_STEPS
-from naivediffusion.train import (
-    Trainer,
-    adamw,
-    ema_update_fn,
-    resolve_precision,
-)
+from naivediffusion.train import Trainer, adamw, ema_update_fn
 
 DATASET_OF = {"ddpm-cifar10": "cifar10", "mnist": "mnist", "mnist-small": "mnist"}
 
