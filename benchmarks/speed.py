@@ -21,6 +21,10 @@ while it compiles, leaves what it had measured. Prints numbers; it is not a test
     python benchmarks/speed.py --device cpu --model mnist-small --batch-size 64 --contiguous
     python benchmarks/speed.py --dry-run                         # every row at toy size, quickly
 
+Each row also gives its start-up: what the --warmup steps took beyond as many timed steps (the
+compilation, for a compiled network), and the steps a 20-minute run reaches after paying it,
+which is how a compile mode is judged for a run of that length.
+
 The fast paths: --compile modes, data on the device (--data-on-host adds a row without it) and
 channels-last memory (--contiguous adds a row in NCHW; diffusers' network gets our layout).
 
@@ -133,6 +137,7 @@ class Contestant:
         self.rounds: list[float] = []  # seconds per step, one entry per timed round
         self.peak_mib = None
         self.flops = None
+        self.warmup_seconds = None  # the untimed warm-up steps, compilation included
 
     @property
     def seconds(self) -> float:
@@ -231,10 +236,13 @@ def synchronize(device):
 
 
 def time_rounds(contestants, device, steps: int, rounds: int, warmup: int) -> None:
-    for c in contestants:  # warm-up (and compilation) first, untimed
+    for c in contestants:  # warm-up (and compilation) first, timed apart
+        synchronize(device)
+        start = time.perf_counter()
         for _ in range(warmup):
             c.step()
         synchronize(device)
+        c.warmup_seconds = time.perf_counter() - start
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             c.step()
@@ -309,15 +317,26 @@ def save_json(path: str | None, result: dict) -> None:
     os.replace(temporary, path)
 
 
-def measured_row(c: Contestant, flops: dict, twins: dict, peak: float | None) -> dict:
-    """The numbers of one timed contestant; `twins`: diffusers' step time by compile mode."""
+# A run of this length pays a compile once: the rows say how many steps it reaches.
+RUN_MINUTES = 20
+
+
+def measured_row(c: Contestant, flops: dict, twins: dict, peak: float | None, warmup: int) -> dict:
+    """The numbers of one timed contestant; `twins`: diffusers' step time by compile mode.
+
+    "startup_seconds" is what the `warmup` untimed steps took beyond as many timed ones (the
+    compilation, for a compiled network), and "steps_in_run" the steps a RUN_MINUTES run
+    reaches after paying it."""
     kind = "diffusers" if c.name.startswith("diffusers") else "naivediffusion"
     base = twins.get(c.mode)
     achieved = flops[kind] / c.seconds
+    startup = max(0.0, c.warmup_seconds - warmup * c.seconds)
     return {"name": c.name, "compile": c.mode, "parameters": c.parameters, "seconds_per_step": c.seconds,
             "images_per_sec": c.batch / c.seconds, "relative_to_diffusers": c.seconds / base if base else None,
             "tflops_per_sec": achieved / 1e12, "mfu": achieved / peak if peak else None,
-            "peak_mib": c.peak_mib, "rounds": c.rounds}
+            "peak_mib": c.peak_mib, "rounds": c.rounds, "warmup_steps": warmup,
+            "startup_seconds": startup, "steps_in_run": int(max(0.0, RUN_MINUTES * 60 - startup) / c.seconds),
+            "run_minutes": RUN_MINUTES}
 
 
 def print_row(c: Contestant, row: dict) -> None:
@@ -325,7 +344,8 @@ def print_row(c: Contestant, row: dict) -> None:
     print(f"{c.name:52} {c.parameters / 1e6:7.2f}M {1000 * c.seconds:9.2f} {row['images_per_sec']:8.0f} "
           f"{(f'{ratio:.2f}x') if ratio else '-':>12} "
           f"{(f'{100 * mfu:.1f}%') if mfu is not None else '-':>6} "
-          f"{(f'{c.peak_mib:.0f}') if c.peak_mib else '-':>9}", flush=True)
+          f"{(f'{c.peak_mib:.0f}') if c.peak_mib else '-':>9} {row['startup_seconds']:9.1f} "
+          f"{row['steps_in_run']:>10,}", flush=True)
 
 
 def main() -> None:
@@ -410,15 +430,15 @@ def main() -> None:
               + (f"; peak {peak / 1e12:.0f} TFLOP/s at {precision}" if peak else "; no peak known for MFU"))
         print(f"{args.rounds} interleaved rounds of {args.steps} steps after {args.warmup} warm-up steps, "
               "per compile mode; median round")
-        print(f"{'':52} {'params':>8} {'ms/step':>9} {'img/s':>8} {'vs diffusers':>12} {'MFU':>6} {'peak MiB':>9}",
-              flush=True)
+        print(f"{'':52} {'params':>8} {'ms/step':>9} {'img/s':>8} {'vs diffusers':>12} {'MFU':>6} {'peak MiB':>9} "
+              f"{'startup s':>9} {f'steps/{RUN_MINUTES}min':>10}", flush=True)
         for i, mode in enumerate(modes):
             group = [c for c in contestants if c.mode == mode]
             time_rounds(group, device, args.steps, args.rounds, args.warmup)
             # Each row against diffusers' network under the same compile mode.
             twins = {c.mode: c.seconds for c in group if c.name.startswith("diffusers")}
             for c in group:
-                row = measured_row(c, flops, twins, peak)
+                row = measured_row(c, flops, twins, peak, args.warmup)
                 result["rows"].append(row)
                 print_row(c, row)
             save_json(args.json, result)
