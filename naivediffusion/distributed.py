@@ -13,8 +13,10 @@ This module holds what the Trainer (train.py) needs for that: where this process
 (`distributed_from_env`), the process group (`init_distributed`, `end_distributed`), the
 network in DDP (`wrap_for_processes`), the rank's slice of a global draw (`rank_slice`; the
 data's is `data.EpochBatchSampler`'s), the few numbers the processes agree on
-(`agree_on_stop` once per step, `mean_over_processes` once per log line), and how a process
-tells that another one is gone (`lost_another_process`).
+(`agree_on_stop` once per step, `mean_over_processes` once per log line), the order in which
+they prepare the data (`main_process_first`: rank 0 downloads a missing dataset while the others
+wait, then they load it), and how a process tells that another one is gone
+(`lost_another_process`).
 
     where = distributed_from_env()          # Distributed(world_size, rank, local_rank)
     device = init_distributed(where, device) if where.enabled else device
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -185,6 +188,98 @@ def agree_on_stop(elapsed: float, signum: int | None, group=None) -> tuple[float
     values = torch.tensor([elapsed, float(signum or 0)], dtype=torch.float64)
     torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX, group=group)
     return values[0].item(), int(values[1].item()) or None
+
+
+@contextmanager
+def main_process_first(where: Distributed, group=None, what: str = "the data"):
+    """Run the body of the `with` on rank 0 first, then on the other ranks, and leave together.
+
+        with main_process_first(trainer.dist, host_group(trainer.dist)):
+            data = load_dataset("mnist")  # rank 0 downloads it if missing; then the others read it
+
+    N processes that download a missing dataset into the same folder at once write the same
+    files over each other: one reads a half-written file, or finds it corrupt, and the run fails
+    on a fresh machine. Here the non-main ranks wait while rank 0 runs the body (and downloads),
+    then run it themselves and find the files there. With one process it does nothing.
+
+    Waiting must not hang when rank 0 fails. So the wait is not a bare barrier that rank 0 may
+    never reach but an exchange (an all-reduce on `group`) of one flag per rank, "my body
+    raised", that rank 0 joins whether its body returned or raised (any exception, Ctrl-C
+    included): when its body raised, the others skip theirs and raise a one-line ValueError
+    ("rank 0 could not prepare the data, so this process stops too; rank 0's error says why")
+    while rank 0 raises its own error. (Each process prints its own line, in no set order, so
+    the line points at rank 0's rather than saying "above".) If rank 0 dies outright, its
+    connections close; if it is stuck in a download, the others give up after the group's
+    timeout (`PROCESS_GROUP_TIMEOUT`, 30 minutes): either way the waiting ranks raise the same
+    kind of one-line error, and torchrun stops the rest.
+
+    After the body every rank exchanges its flag once more, so that a rank whose body failed
+    (say, it reads another machine's disk, where rank 0 downloaded nothing) stops every process
+    at once, each with one line naming it, rather than leaving them waiting at the first step.
+    Every process must enter the `with` (a collective), and so the body may not itself wait for
+    the other processes.
+
+    `group` is a CPU (gloo) group, `host_group(where)`, or None for the default group (then on
+    the current GPU if that is nccl's); `what` names the body's work in the messages. With
+    several machines, each with its own disk, rank 0 prepares only its machine's copy and the
+    processes of each other machine would fetch theirs at once: give them a data root they
+    share, or prepare it on each machine before the run.
+    """
+    if not where.enabled:
+        yield
+        return
+    if where.is_main:
+        try:
+            yield
+        except BaseException:
+            _failed_ranks(where, group, failed=True, quiet=True)  # release the waiting ranks
+            raise
+        _failed_ranks(where, group, failed=False)  # the others go on to the body
+    else:
+        try:
+            rank0_failed = _failed_ranks(where, group, failed=False)  # wait for rank 0's body
+        except RuntimeError as err:
+            raise ValueError(f"rank 0 stopped before it had prepared {what} ({_first_line(err)}); its "
+                             "error, if it printed one, says why") from err
+        if rank0_failed:
+            raise ValueError(f"rank 0 could not prepare {what}, so this process stops too; rank 0's "
+                             "error says why")
+        try:
+            yield
+        except BaseException:
+            _failed_ranks(where, group, failed=True, quiet=True)
+            raise
+    try:
+        failed = _failed_ranks(where, group, failed=False)  # did every other rank's body succeed?
+    except RuntimeError as err:
+        raise ValueError(f"another process stopped while preparing {what} ({_first_line(err)}); "
+                         "its error, if it printed one, says why") from err
+    if failed:
+        ranks = f"rank {failed[0]}'s error says" if len(failed) == 1 else "their errors say"
+        raise ValueError(f"rank {', '.join(map(str, failed))} of {where.world_size} could not prepare "
+                         f"{what}, so this process stops too; {ranks} why")
+
+
+def _failed_ranks(where: Distributed, group, failed: bool, quiet: bool = False) -> list[int]:
+    """The ranks that say they failed, this one among them if `failed`: an all-reduce (sum) of
+    one flag per rank on `group`, so every process waits here for all the others. `quiet`
+    swallows a failure of the exchange itself (the caller is raising an error of its own)."""
+    on_gpu = torch.distributed.get_backend(group) == "nccl"
+    flags = torch.zeros(where.world_size, dtype=torch.int64,
+                        device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    flags[where.rank] = int(failed)
+    try:
+        torch.distributed.all_reduce(flags, group=group)
+    except RuntimeError:
+        if quiet:
+            return []
+        raise
+    return [rank for rank, flag in enumerate(flags.tolist()) if flag]
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def mean_over_processes(value: Tensor, where: Distributed) -> Tensor:

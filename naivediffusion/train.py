@@ -59,6 +59,7 @@ from .distributed import (
     distributed_from_env,
     host_group,
     init_distributed,
+    main_process_first,
     rank_slice,
     wrap_for_processes,
 )
@@ -201,7 +202,9 @@ class Trainer:
     processes reads its slice of it and of one global draw of t, eps (and the label drop
     mask), and only rank 0 writes the files above; the logged loss is the mean over the
     global batch. Every process holds the same weights, EMA and optimizer state after each
-    step, and a checkpoint resumes with any number of processes.
+    step, and a checkpoint resumes with any number of processes. A missing dataset is
+    downloaded by rank 0 alone, the other processes waiting for it before they read it
+    (`_build_data`).
 
     `data` replaces the dataset that config.dataset names (its images must have the shape
     that dataset's have): any Dataset of (image in [-1, 1], label), or an `InMemoryImages`,
@@ -238,10 +241,11 @@ class Trainer:
         self.step = 0
         self.epoch, self.position = 0, 0  # where the next batch comes from
         self.elapsed = 0.0  # seconds spent in training steps, over all sessions of the run
+        # The group on which processes agree on host numbers: which of them could load the
+        # data (see `_build_data`), then once per step when to stop (see `agree_on_stop`).
+        self._host_group = host_group(self.dist)
         self._build_data(data)
         self._build_optimizer()
-        # The group on which processes agree on host numbers once per step (see `agree_on_stop`).
-        self._host_group = host_group(self.dist)
         # t and eps of the loss come from their own generator, dropout from the global one.
         self.noise_generator = torch.Generator(device=self.device).manual_seed(derive_seed(config.seed, "noise"))
         if checkpoint is not None:
@@ -286,13 +290,18 @@ class Trainer:
 
     def _build_data(self, data: Dataset | None) -> None:
         """The training images (self.dataset): config.dataset's, or `data` when given (checked
-        against the shape the model was built for); an `InMemoryImages` moves to the device."""
+        against the shape the model was built for); an `InMemoryImages` moves to the device.
+
+        Under torchrun rank 0 loads config.dataset first, downloading it if it is missing, while
+        the other processes wait; then they load it from disk (`main_process_first`). If rank 0
+        cannot, it prints why and every other process stops with one line that says so."""
         config = self.config
         size = self.image_shape[-1]
         if data is None:
             native = not config.dataset.startswith(FOLDER_PREFIX) and config.image_size in (None, size)
-            data = load_dataset(config.dataset, root=config.data_root, train=True,
-                                image_size=config.image_size, in_memory=config.data_on_device and native)
+            with main_process_first(self.dist, self._host_group):  # rank 0 downloads, then the others load
+                data = load_dataset(config.dataset, root=config.data_root, train=True,
+                                    image_size=config.image_size, in_memory=config.data_on_device and native)
         elif tuple(data[0][0].shape) != self.image_shape:
             raise ValueError(f"the data's images are {tuple(data[0][0].shape)}, but {config.dataset} "
                              f"images are {self.image_shape}; pass images of that shape")

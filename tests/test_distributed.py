@@ -8,26 +8,32 @@ process with one. They agree within float tolerance, not bit for bit: the gradie
 summed in another order.
 """
 
+import contextlib
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from urllib.error import URLError
 
 import pytest
 import torch
+import torchvision
 from test_train import tiny_config
 
 from naivediffusion.__main__ import main
 from naivediffusion.checkpoint import load_checkpoint
-from naivediffusion.data import EpochBatchSampler
+from naivediffusion.data import DATASETS, DatasetNotFoundError, EpochBatchSampler, load_dataset
 from naivediffusion.distributed import (
     PROCESS_GROUP_TIMEOUT,
     Distributed,
     check_compile_for_processes,
     distributed_from_env,
     init_distributed,
+    main_process_first,
 )
 from naivediffusion.train import Trainer, seed_dropout
 
@@ -191,6 +197,165 @@ def test_sigterm_stops_every_process_at_the_same_step(tmp_path):
     # No process failed with a traceback; the one there may be is torchrun's own, saying that
     # it was sent a signal.
     assert err.count("Traceback") <= 1 and "[rank" not in err, err[-3000:]
+
+
+# ------------------------------------------------------------------ preparing the data
+#
+# Two processes started here (torch.multiprocessing, "spawn"), each with the environment torchrun
+# gives its process, on a gloo group. Their "download" of MNIST is a slow local copy of the real
+# files (no network), so two processes downloading at once would be seen: the copy logs who made it.
+
+# The longest a two-process test may take before it counts as hung (each takes about 10 s).
+HANG_S = 50
+
+
+def _join_processes(target, args_of_rank, world_size: int = 2) -> list[int]:
+    """Start `world_size` processes running target(rank, world_size, *args_of_rank(rank)); their
+    exit codes. Fails (after killing them) if any is still running after HANG_S seconds."""
+    context = torch.multiprocessing.get_context("spawn")
+    processes = [context.Process(target=target, args=(rank, world_size, *args_of_rank(rank)))
+                 for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + HANG_S
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
+    assert not hung, f"rank(s) {hung} still running after {HANG_S} s: hung"
+    return [process.exitcode for process in processes]
+
+
+def _join_group(rank: int, world_size: int, store: str) -> None:
+    """This process as rank `rank` of a torchrun launch of `world_size`, in a gloo group (the
+    Trainer finds the group made and reuses it). Downloading is allowed here whatever the
+    tests' environment says (conftest turns it off): the only "download" is `_fake_download`'s."""
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank),
+                      NAIVEDIFFUSION_DOWNLOAD="1", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                         world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
+
+
+def _fake_download(rank: int, log: Path, source: Path | None):
+    """In place of torchvision's download of one MNIST file: log it, then copy the file from the
+    real MNIST folder `source`, half now and half a moment later (a reader that does not wait
+    finds a half-written file), or, with no `source`, fail as a download without network does."""
+    def download_and_extract_archive(url, download_root, filename=None, md5=None, **kwargs):
+        name = (filename or url.rsplit("/", 1)[-1]).removesuffix(".gz")
+        with open(log, "a") as file:
+            file.write(f"{rank} {name}\n")
+        time.sleep(0.2)
+        if source is None:
+            raise URLError("[Errno -3] Temporary failure in name resolution")
+        data = (source / name).read_bytes()
+        with open(Path(download_root) / name, "wb") as file:
+            file.write(data[:len(data) // 2])
+            file.flush()
+            time.sleep(0.2)
+            file.write(data[len(data) // 2:])
+
+    return download_and_extract_archive
+
+
+def _train_on_an_empty_root(rank, world_size, store, root, log, source, run_dir, result):
+    _join_group(rank, world_size, store)
+    torchvision.datasets.mnist.download_and_extract_archive = _fake_download(rank, log, Path(source))
+    trainer = Trainer(tiny_config(run_dir, data_root=root, steps=2, dropout=0.0))
+    images = trainer.dataset.images  # data_on_device: all of MNIST as one uint8 tensor
+    record = {"rank": rank, "images": len(images),
+              "digest": hashlib.sha256(images.cpu().numpy().tobytes()).hexdigest()}
+    record["step"] = trainer.train(progress=False)["step"]
+    Path(result).write_text(json.dumps(record))
+    torch.distributed.destroy_process_group()
+
+
+def _cli_with_a_failing_download(rank, world_size, store, root, log, run_dir, stderr):
+    _join_group(rank, world_size, store)
+    torchvision.datasets.mnist.download_and_extract_archive = _fake_download(rank, log, None)
+    flags = [*TINY_FLAGS, "--steps", "2", "--data-root", root]
+    with open(stderr, "w") as err, contextlib.redirect_stderr(err):
+        code = main(["train", "--run-dir", run_dir, *flags])
+    sys.exit(code)
+
+
+def _one_rank_fails(rank, world_size, store, failing_rank, order, result):
+    _join_group(rank, world_size, store)
+    try:
+        with main_process_first(distributed_from_env()):
+            with open(order, "a") as file:
+                file.write(f"{rank}\n")
+            if rank == failing_rank:
+                raise DatasetNotFoundError(f"rank {rank} finds no data")
+        outcome = "ok"
+    except (ValueError, FileNotFoundError) as err:
+        outcome = f"{type(err).__name__}: {err}"
+    Path(result).write_text(outcome)
+
+
+def test_rank_0_downloads_the_data_while_the_others_wait(tmp_path, mnist_root):
+    """On an empty data root, rank 0 alone downloads (each file once); the other rank waits,
+    then reads the same images from disk, and both train."""
+    root, log = tmp_path / "data", tmp_path / "downloads.log"
+    root.mkdir()
+    source = mnist_root / DATASETS["mnist"].folder
+
+    def args(rank):
+        return (str(tmp_path / "store"), str(root), log, str(source), str(tmp_path / "run"),
+                str(tmp_path / f"rank{rank}.json"))
+
+    assert _join_processes(_train_on_an_empty_root, args) == [0, 0]
+    downloads = log.read_text().splitlines()
+    assert sorted(downloads) == sorted(f"0 {name}" for name in DATASETS["mnist"].files), downloads
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    real = load_dataset("mnist", root=mnist_root, in_memory=True, download=False).images
+    assert ranks[0]["images"] == ranks[1]["images"] == len(real) == 60_000
+    assert ranks[0]["digest"] == ranks[1]["digest"] == hashlib.sha256(real.numpy().tobytes()).hexdigest()
+    assert ranks[0]["step"] == ranks[1]["step"] == 2
+    assert [line["step"] for line in log_lines(tmp_path / "run")] == [1, 2]
+
+
+def test_when_rank_0_cannot_download_every_process_stops_with_one_line(tmp_path):
+    root, log = tmp_path / "data", tmp_path / "downloads.log"
+    root.mkdir()
+
+    def args(rank):
+        return (str(tmp_path / "store"), str(root), log, str(tmp_path / "run"), tmp_path / f"rank{rank}.err")
+
+    assert _join_processes(_cli_with_a_failing_download, args) == [2, 2]
+    # Rank 0 tried each mirror of the first file; rank 1 never tried.
+    assert {line.split()[0] for line in log.read_text().splitlines()} == {"0"}
+    zero, one = ((tmp_path / f"rank{rank}.err").read_text().strip().splitlines() for rank in (0, 1))
+    assert len(zero) == 1 and zero[0].startswith("error (rank 0 of 2): mnist not found in "), zero
+    assert "could not be downloaded (" in zero[0] and "name resolution" in zero[0], zero
+    assert one == ["error (rank 1 of 2): rank 0 could not prepare the data, so this process stops too; "
+                   "rank 0's error says why"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_when_another_rank_cannot_load_every_process_stops(tmp_path):
+    """Rank 0's body ran first; rank 1's failed: rank 1 raises its own error, rank 0 a line that
+    names rank 1, and neither waits for the other at the first step."""
+    def args(rank):
+        return (str(tmp_path / "store"), 1, tmp_path / "order", tmp_path / f"rank{rank}.txt")
+
+    assert _join_processes(_one_rank_fails, args) == [0, 0]
+    assert (tmp_path / "order").read_text().split() == ["0", "1"]
+    assert (tmp_path / "rank1.txt").read_text() == "DatasetNotFoundError: rank 1 finds no data"
+    assert (tmp_path / "rank0.txt").read_text() == ("ValueError: rank 1 of 2 could not prepare the data, so "
+                                                   "this process stops too; rank 1's error says why")
+
+
+def test_one_process_prepares_the_data_alone():
+    ran = []
+    with main_process_first(Distributed()):  # no process group: nothing to wait for
+        ran.append(True)
+    assert ran == [True]
+    with pytest.raises(DatasetNotFoundError, match="gone"), main_process_first(Distributed()):
+        raise DatasetNotFoundError("gone")
 
 
 # ------------------------------------------------------------------ no processes
