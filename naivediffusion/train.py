@@ -202,9 +202,7 @@ class Trainer:
     processes reads its slice of it and of one global draw of t, eps (and the label drop
     mask), and only rank 0 writes the files above; the logged loss is the mean over the
     global batch. Every process holds the same weights, EMA and optimizer state after each
-    step, and a checkpoint resumes with any number of processes. A missing dataset is
-    downloaded by rank 0 alone, the other processes waiting for it before they read it
-    (`_build_data`).
+    step, and a checkpoint resumes with any number of processes (rank 0 alone downloads data).
 
     `data` replaces the dataset that config.dataset names (its images must have the shape
     that dataset's have): any Dataset of (image in [-1, 1], label), or an `InMemoryImages`,
@@ -291,15 +289,13 @@ class Trainer:
     def _build_data(self, data: Dataset | None) -> None:
         """The training images (self.dataset): config.dataset's, or `data` when given (checked
         against the shape the model was built for); an `InMemoryImages` moves to the device.
-
-        Under torchrun rank 0 loads config.dataset first, downloading it if it is missing, while
-        the other processes wait; then they load it from disk (`main_process_first`). If rank 0
-        cannot, it prints why and every other process stops with one line that says so."""
+        Under torchrun rank 0 loads (downloads) config.dataset while the others wait, then they
+        load it from disk; if one cannot, all stop with one line (`main_process_first`)."""
         config = self.config
         size = self.image_shape[-1]
         if data is None:
             native = not config.dataset.startswith(FOLDER_PREFIX) and config.image_size in (None, size)
-            with main_process_first(self.dist, self._host_group):  # rank 0 downloads, then the others load
+            with main_process_first(self.dist, self._host_group):
                 data = load_dataset(config.dataset, root=config.data_root, train=True,
                                     image_size=config.image_size, in_memory=config.data_on_device and native)
         elif tuple(data[0][0].shape) != self.image_shape:
