@@ -26,12 +26,12 @@ It prints numbers and writes them to JSON; it is not a test. The defaults in
 
 import argparse
 import ast
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from record import provenance, write_record
 
 from naivediffusion import viz
 from naivediffusion.config import TrainConfig
@@ -132,8 +132,7 @@ def main() -> None:
         print(f"{name:30s} {numbers['loss']:7.4f} {numbers['fd']:7.2f} {numbers['fd_real']:6.2f} "
               f"{numbers['smudges']:8.3f} {numbers['noisy']:6.3f} {numbers['bpd']:8.3f} ± {numbers['bpd_se']:.3f} "
               f"{seconds:8.0f}", flush=True)
-    with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "results": results}, f, indent=2)
+    write_record(args.out, {**provenance(), "args": vars(args), "results": results})
     print(f"-> {args.out}")
 
 

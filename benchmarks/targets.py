@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from record import provenance, write_record
 
 from naivediffusion.__main__ import main as naivediffusion_main
 from naivediffusion.config import DEVICES
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         for target, (number, met) in result["targets"].items():
             print(f"  {target:<58} {number:<18} {'met' if met else 'NOT met'}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
+        write_record(args.json, {**provenance(), "args": vars(args), "results": results})
         print(f"-> {args.json}")
     return 0
 
