@@ -69,3 +69,16 @@ def test_the_colab_cell_does_nothing_elsewhere(monkeypatch):
     monkeypatch.delitem(sys.modules, "google.colab", raising=False)
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("ran a command outside Colab"))
     exec(_colab_cell(NOTEBOOKS[0]), {})
+
+
+def test_the_results_page_reads_every_record():
+    """Every JSON record that ships (beside the models, and the benchmarks' outputs) is read by
+    the Results appendix, so that no measured number is left out of it."""
+    root = Path(__file__).resolve().parents[1]
+    page = "".join("".join(c["source"]) for c in json.loads((root / "appendix" / "results.ipynb").read_text())["cells"])
+    records = [p.name for p in (root / "benchmarks" / "results").glob("*.json")]
+    assert records, "no benchmark records"
+    for name in records:
+        assert name in page or name.startswith("gpu_"), f"appendix/results.ipynb does not show {name}"
+    for name in (p.stem for p in (root / "naivediffusion" / "pretrained").glob("*.json")):
+        assert f'pretrained_record("{name}")' in page, f"appendix/results.ipynb does not show {name}.json"
