@@ -1,0 +1,58 @@
+"""README's results table: a short extract of the book's Results appendix, from the same records.
+
+    python benchmarks/readme_table.py        # prints the table that README.md holds
+
+tests/test_readme.py checks that README.md holds exactly this table, so the front page never
+states a number that its records do not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import naivediffusion as nd
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS_PAGE = "https://liuximeng09.github.io/NaiveDiffusion/appendix/results.html"
+
+
+def record(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def rows() -> list[tuple[str, str]]:
+    """(what, number) for each row, from the records that exist."""
+    shipped = nd.pretrained_record("mnist")
+    out = [("`pretrained:mnist` (`mnist-small`, 0.41M parameters, v-prediction) trained on a CPU",
+            f"{shipped['step']:,} steps in {sum(r['train_seconds'] for r in shipped['runs']) / 3600:.1f} hours")]
+    row = next(r for r in shipped["sampler_measurement"]["rows"] if r["steps"] == 50 and r["eta"] == 1)
+    out.append(("its Fréchet distance in the package classifier's features, 1,000 DDIM-50 samples "
+                "(real-data floor)", f"{row['fd']:.2f} ({row['fd_real']:.2f})"))
+    out.append(("its smudges (no digit the classifier can name)", f"{row['smudges']:.1%}"))
+    targets = record("targets_mnist.json")
+    if targets is not None:
+        bpd = targets["results"][0]["bpd"]
+        out.append(("its bits/dim on the MNIST test set: with its own reverse variance beta_t; "
+                    "the model that shares its network with beta-tilde_t",
+                    "; ".join(f"{bpd[v]['bpd']:.3f} ± {bpd[v]['bpd_standard_error']:.3f}"
+                              for v in ("beta", "posterior"))))
+    conditional = nd.pretrained_record("mnist_conditional")
+    w = conditional["recommended_guidance"]["w"]
+    result = conditional["guidance_measurement"]["results"][f"{w:g}"]
+    out.append((f"`pretrained:mnist_conditional` at guidance w = {w:g}: the digit asked for",
+                f"{result['accuracy']:.1%} of 1,000"))
+    build = record("book_build.json")
+    out.append(("the published book (budget `cpu`) built and executed on 2 CPU cores",
+                f"{build['total_seconds'] / 60:.0f} minutes"))
+    return out
+
+
+def table() -> str:
+    lines = ["| measured | |", "| --- | --- |"] + [f"| {what} | {number} |" for what, number in rows()]
+    return "\n".join(lines) + f"\n\nEvery number with its command, hardware and date: [Results]({RESULTS_PAGE}).\n"
+
+
+if __name__ == "__main__":
+    print(table(), end="")
