@@ -56,7 +56,7 @@ from .quality import (
     train_classifier,
 )
 from .runfolder import TrainingDivergedError, TrainingInterrupted, describe_run
-from .sampling import DDIM_STEPS, DEFAULT_ETA, SAMPLERS, draw
+from .sampling import DDIM_STEPS, DEFAULT_ETA, SAMPLERS, STEPPED_SAMPLERS, draw
 from .schedule import SCHEDULES
 from .train import Trainer
 
@@ -264,10 +264,12 @@ def _add_drawing_flags(p, only: str = "") -> None:
     device. `only` ("fid: ") prefixes the help of the flags that apply to one metric only."""
     p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                   help=f"{only}ddpm: Algorithm 2 over all T steps; ddim: Song et al. 2021 over --steps "
-                   "(default: ddim)")
+                   help=f"{only}ddpm: Algorithm 2 over all T steps; ddim: Song et al. 2021 over --steps; "
+                   "dpm++2m: DPM-Solver++(2M) (Lu et al. 2022) over --steps, dpm++2m-sde its "
+                   "stochastic form (default: ddim)")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"{only}DDIM steps (default: {DDIM_STEPS}, or T if smaller; ddpm always runs all T)")
+                   help=f"{only}steps (network calls) of ddim and dpm++2m (default: {DDIM_STEPS}, or T if "
+                   "smaller; ddpm always runs all T)")
     p.add_argument("--eta", type=float, default=None, help=only + _ETA_HELP)
     p.add_argument("--variance", choices=VARIANCES, default=None, help=_VARIANCE_HELP)
     p.add_argument("--device", choices=DEVICES, default="auto", help=_DEVICE_HELP)
@@ -279,9 +281,9 @@ def _load(args, device):
     the reverse variance that --variance names (the network is the same for either)."""
     model, diffusion, info = load_model(args.checkpoint, device=device, ema=True)
     if args.variance is not None:
-        if args.sampler == "ddim" and getattr(args, "metric", "fid") == "fid":
-            raise ValueError("--variance applies to --sampler ddpm and --metric bpd; DDIM's noise "
-                             "is set by --eta")
+        if args.sampler != "ddpm" and getattr(args, "metric", "fid") == "fid":
+            noise = "DDIM's noise is set by --eta" if args.sampler == "ddim" else f"{args.sampler} has none"
+            raise ValueError(f"--variance applies to --sampler ddpm and --metric bpd; {noise}")
         diffusion = Diffusion(**{**diffusion.config, "variance": args.variance})
     return model, diffusion, info
 
@@ -289,9 +291,11 @@ def _load(args, device):
 def resolve_eta(args) -> float:
     """The DDIM noise level of `sample` and `evaluate`: --eta, checked, else DEFAULT_ETA (0 for
     --sampler ddpm, whose noise --variance sets)."""
-    if args.sampler == "ddpm":
+    if args.sampler != "ddim":
         if args.eta is not None:
-            raise ValueError("--eta applies to --sampler ddim; the ddpm sampler's noise is set by --variance")
+            noise = ("the ddpm sampler's noise is set by --variance" if args.sampler == "ddpm" else
+                     f"{args.sampler} takes none (dpm++2m-sde is its stochastic form)")
+            raise ValueError(f"--eta applies to --sampler ddim; {noise}")
         return 0.0
     eta = DEFAULT_ETA if args.eta is None else args.eta
     if not 0.0 <= eta <= 1.0:
@@ -300,16 +304,16 @@ def resolve_eta(args) -> float:
 
 
 def _ddim_steps(args, diffusion) -> int | None:
-    """--steps, or for DDIM without it DDIM_STEPS (T if that is smaller)."""
-    if args.sampler == "ddim" and args.steps is None:
+    """--steps, or for the fewer-step samplers without it DDIM_STEPS (T if that is smaller)."""
+    if args.sampler in STEPPED_SAMPLERS and args.steps is None:
         return min(DDIM_STEPS, diffusion.num_timesteps)
     return args.steps
 
 
 def sampler_words(args, diffusion) -> str:
     """How `sample` and `evaluate` drew: "ddim 50 steps, eta 1" or "ddpm 1000 steps, sigma^2 = beta"."""
-    noise = f"eta {args.eta:g}" if args.sampler == "ddim" else f"sigma^2 = {diffusion.variance}"
-    return f"{args.sampler} {args.steps or diffusion.num_timesteps} steps, {noise}"
+    noise = {"ddim": f", eta {args.eta:g}", "ddpm": f", sigma^2 = {diffusion.variance}"}.get(args.sampler, "")
+    return f"{args.sampler} {args.steps or diffusion.num_timesteps} steps{noise}"
 
 
 def _conditioning(args, model, info, guidance_needs_label: bool = True) -> tuple[list[int] | None, float]:
@@ -556,7 +560,7 @@ def _evaluate_bpd(args, ev: _Evaluation, generator) -> tuple[dict, str]:
 def _evaluate_fid(args, ev: _Evaluation, generator) -> tuple[dict, str]:
     """`evaluate --metric fid`: --n samples scored against the data, and the line to print."""
     classifier = load_classifier(ev.dataset, args.classifier, device=ev.device)
-    args.steps = _ddim_steps(args, ev.diffusion) if args.sampler == "ddim" else None  # ddpm: all T
+    args.steps = _ddim_steps(args, ev.diffusion) if args.sampler in STEPPED_SAMPLERS else None  # ddpm: all T
     # A class-conditional model draws the classes in turn, image i of class i mod K.
     labels = None if ev.model.num_classes is None else torch.arange(args.n) % ev.model.num_classes
     samples = _draw(ev.diffusion, ev.model, ev.info, args.n, args, generator, labels, ev.guidance)

@@ -4,8 +4,9 @@
 the conversions between eps, x0 and v, guidance as math on a callable); this module holds the
 loops that chain the steps together:
 
-- `sample`: Algorithm 2 of DDPM (Ho et al. 2020), or DDIM (Song et al. 2021); one step of
-  each is `ddpm_step` and `ddim_step`, and `ddim_timesteps` says which timesteps DDIM visits.
+- `sample`: Algorithm 2 of DDPM (Ho et al. 2020), DDIM (Song et al. 2021), or DPM-Solver++(2M)
+  (Lu et al. 2022) and its stochastic form; one step of each is `ddpm_step`, `ddim_step` and
+  `dpm_solver_step`, and `ddim_timesteps` says which timesteps the fewer-step samplers visit.
   `Diffusion.sample(model, shape, ...)`, the chapters' entry point, calls it.
 - `draw`: n images in batches, with optional labels and classifier-free guidance, exactly as
   the command line (``python -m naivediffusion sample`` and ``evaluate``) and the benchmarks
@@ -28,7 +29,9 @@ from tqdm.auto import tqdm
 from .diffusion import Diffusion, _check_choice
 from .unet import eval_mode
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
+# The samplers that visit `ddim_timesteps` (all but DDPM's full chain) and take `steps`.
+STEPPED_SAMPLERS = ("ddim", "dpm++2m", "dpm++2m-sde")
 
 # DDIM's number of steps when none is given: 20 times fewer network calls than DDPM's 1000.
 # `Diffusion.sample`, the command line (or T if that is smaller), the training run's sample
@@ -94,10 +97,13 @@ def sample(
         shape: (B, C, H, W) of the images to draw.
         sampler: "ddpm" — Algorithm 2 over all T steps, T-1 down to 0, adding no
             noise at the last step; "ddim" — Song et al. 2021, Eq. 12, over `steps`
-            evenly spaced timesteps from T-1 down to 0.
-        steps: number of DDIM steps (1..T; default DDIM_STEPS, 50). For "ddpm" only None or T.
+            evenly spaced timesteps from T-1 down to 0; "dpm++2m" — DPM-Solver++(2M), the
+            second-order multistep solver of the probability-flow ODE, on the same timesteps
+            (`dpm_solver_step`); "dpm++2m-sde" — its stochastic (SDE) form.
+        steps: number of steps, that is network calls, of the fewer-step samplers (1..T;
+            default DDIM_STEPS, 50). For "ddpm" only None or T.
         eta: DDIM's noise level (Song et al. Eq. 16): 0 is deterministic, 1 is
-            DDPM-like (sigma^2 = posterior variance).
+            DDPM-like (sigma^2 = posterior variance). DPM-Solver++ takes only 0; DDPM ignores it.
         generator: a torch.Generator on `device`, for reproducible samples.
         progress: show a progress bar.
         return_chain: also return the chain of x_t and predicted x0.
@@ -129,6 +135,9 @@ def sample(
             f"the ddpm sampler runs all T={T} steps (got steps={steps}); "
             "use sampler='ddim' to sample with fewer steps"
         )
+    if sampler in ("dpm++2m", "dpm++2m-sde") and eta != 0:
+        raise ValueError(f"eta applies to the ddim sampler; {sampler} takes none (dpm++2m-sde is the "
+                         "stochastic form of DPM-Solver++)")
     if guidance_scale is not None and labels is None:
         raise ValueError("guidance_scale needs labels: guidance steers towards a class")
     if device is None:
@@ -147,15 +156,20 @@ def sample(
     with eval_mode(model):
         x = torch.randn(shape, generator=generator, device=device)  # x_T
         chain = {"t": [], "x_t": [], "pred_x0": []}
+        previous = None  # DPM-Solver++'s data prediction and log-SNR of the step before
         for i, step in enumerate(tqdm(timesteps, disable=not progress, desc=sampler)):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
+            prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             if sampler == "ddpm":
                 x_next, pred_x0 = ddpm_step(diffusion, step_model, x, t, clip, step_labels, generator,
                                             final=step == 0)
-            else:
-                prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            elif sampler == "ddim":
                 x_next, pred_x0 = ddim_step(diffusion, step_model, x, t, prev, eta, clip, step_labels,
                                             generator)
+            else:
+                x_next, pred_x0, previous = dpm_solver_step(
+                    diffusion, step_model, x, t, prev, previous, sde=sampler == "dpm++2m-sde",
+                    clip=clip, labels=step_labels, generator=generator)
             if return_chain and (i % chain_every == 0 or i == len(timesteps) - 1):
                 chain["t"].append(step)
                 chain["x_t"].append(x.cpu())
@@ -219,6 +233,54 @@ def ddim_step(diffusion: Diffusion, model, x, t, prev: int, eta=0.0, clip=True, 
     return x_prev, pred_x0
 
 
+def dpm_solver_step(diffusion: Diffusion, model, x, t, prev: int, previous=None, sde: bool = False,
+                    clip: bool = True, labels=None, generator=None):
+    """One step of DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) from t to prev; prev = -1 means x_0.
+
+    The probability-flow ODE, written for the data prediction x0(x_lambda) in the half
+    log-SNR lambda = log(alpha / sigma) (alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t)),
+    is solved exactly in its linear part; the network's part is integrated with x0 held
+    constant over the step (first order: exactly DDIM with eta = 0) or, with `previous`, the
+    data prediction and lambda of the step before, extrapolated linearly in lambda (second
+    order). With h = lambda_prev - lambda_t and r = (lambda_t - lambda_before) / h:
+
+        D      = x0 + (x0 - x0_before) / (2 r)          (x0 alone on the first step)
+        x_prev = sigma_prev / sigma_t * x + alpha_prev * (1 - exp(-h)) * D
+
+    `sde` takes the stochastic form (the SDE solver DPM-Solver++(2M) of the same paper, as
+    diffusers' "sde-dpmsolver++"): x_prev = sigma_prev / sigma_t * exp(-h) * x
+    + alpha_prev * (1 - exp(-2h)) * D + sigma_prev * sqrt(1 - exp(-2h)) * z. The step to x_0
+    (sigma = 0, h infinite) returns the data prediction: the last step is first order.
+
+    Returns:
+        (x at prev, the clipped x0 prediction, the state to pass as `previous` next time).
+    """
+    output = model(x, t) if labels is None else model(x, t, labels)
+    pred_x0 = diffusion.predict_x0(x, t, output.to(x.dtype))
+    if clip:
+        pred_x0 = pred_x0.clamp(-1.0, 1.0)
+    lam = 0.5 * diffusion._coef("snr", t, x).log()  # tables in float64, cast to x's dtype
+    if prev < 0:
+        return pred_x0, pred_x0, (pred_x0, lam)
+    t_prev = torch.full_like(t, prev)
+    lam_prev = 0.5 * diffusion._coef("snr", t_prev, x).log()
+    alpha_prev = diffusion._coef("sqrt_alphas_cumprod", t_prev, x)
+    sigma_prev = diffusion._coef("sqrt_one_minus_alphas_cumprod", t_prev, x)
+    sigma = diffusion._coef("sqrt_one_minus_alphas_cumprod", t, x)
+    h = lam_prev - lam
+    data = pred_x0
+    if previous is not None:
+        x0_before, lam_before = previous
+        data = pred_x0 + (pred_x0 - x0_before) * (h / (2 * (lam - lam_before)))
+    if not sde:
+        x_prev = (sigma_prev / sigma) * x + alpha_prev * (-(-h).expm1()) * data
+    else:
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_prev = ((sigma_prev / sigma) * (-h).exp() * x + alpha_prev * (-(-2 * h).expm1()) * data
+                  + sigma_prev * (-(-2 * h).expm1()).sqrt() * z)
+    return x_prev, pred_x0, (pred_x0, lam)
+
+
 def draw(
     diffusion: Diffusion,
     model,
@@ -227,7 +289,7 @@ def draw(
     *,
     sampler: str = "ddim",
     steps: int | None = None,
-    eta: float = DEFAULT_ETA,
+    eta: float | None = None,
     batch_size: int = 256,
     generator: torch.Generator | None = None,
     labels: Tensor | None = None,
@@ -244,7 +306,7 @@ def draw(
     Args:
         image_shape: (C, H, W) of one image.
         sampler, steps, eta: as for `sample`; by default DDIM with DDIM_STEPS steps at the
-            command line's DEFAULT_ETA.
+            command line's DEFAULT_ETA (eta None: DEFAULT_ETA for DDIM, 0 for the others).
         labels: optional class labels [n] (LongTensor) of a class-conditional model; None
             draws without labels.
         guidance: with `labels`, the classifier-free guidance weight w >= 0 (0: plain
@@ -253,6 +315,8 @@ def draw(
     """
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be at least 1; got {n} and {batch_size}")
+    if eta is None:
+        eta = DEFAULT_ETA if sampler == "ddim" else 0.0
     device = generator.device if generator is not None else model_device(model)
     chunks = []
     for first in range(0, n, batch_size):

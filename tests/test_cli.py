@@ -392,6 +392,8 @@ def load_benchmark(name: str):
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    if str(path.parent) not in sys.path:  # as when it runs as a script: its folder first
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

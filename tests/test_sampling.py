@@ -202,6 +202,7 @@ class HostReads(TorchDispatchMode):
 
 @pytest.mark.parametrize("sampler, options", [
     ("ddim", dict(steps=5, eta=0.0)), ("ddim", dict(steps=5, eta=1.0)), ("ddpm", {}),
+    ("dpm++2m", dict(steps=5)), ("dpm++2m-sde", dict(steps=5)),
     ("ddim", dict(steps=5, eta=1.0, labels=torch.tensor([1, 2]), guidance_scale=2.0, null_label=3)),
 ])
 def test_the_sampling_loop_never_waits_for_the_device(sampler, options):
