@@ -425,7 +425,23 @@ def test_the_sampler_benchmark_scores_the_images_that_sample_draws(run_dir, tmp_
     assert not torch.equal(scored[0], scored[1])
 
 
-@pytest.mark.parametrize("setting", ["ddim:0:1", "ddim:50:2", "ddim:50", "ddpm:sigma", "heun:50"])
+def test_the_sampler_benchmark_draws_each_setting_per_seed_and_records_them(run_dir, tmp_path, capsys):
+    samplers = load_benchmark("samplers")
+    record = tmp_path / "samplers.json"
+    assert samplers.main(["--checkpoint", str(run_dir), "--n", "4", "--batch-size", "4", "--seeds", "0,1",
+                          "--samplers", "dpm++2m:3,dpm++2m-sde:3", "--json", str(record)]) == 0
+    saved = json.loads(record.read_text())
+    assert [(r["name"], r["seed"]) for r in saved["rows"]] == [
+        ("DPM-Solver++(2M) 3", 0), ("DPM-Solver++(2M) SDE 3", 0), ("DPM-Solver++(2M) 3", 1), ("DPM-Solver++(2M) SDE 3", 1)]
+    for name, summary in saved["summary"].items():
+        mine = [r for r in saved["rows"] if r["name"] == name]
+        assert summary["draws"] == 2 and summary["within_2x_floor"] == sum(r["fd"] <= 2 * r["fd_real"] for r in mine)
+        assert summary["smudges"] == pytest.approx(sum(r["smudges"] for r in mine) / 2)
+    assert saved["command"].startswith("python ") and "--seeds 0,1" in saved["command"] and saved["date"]
+    assert "within 2x the floor in" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setting", ["ddim:0:1", "ddim:50:2", "ddim:50", "ddpm:sigma", "heun:50", "dpm++2m:0"])
 def test_the_sampler_benchmark_refuses_a_bad_setting(setting, capsys):
     samplers = load_benchmark("samplers")
     with pytest.raises(SystemExit) as stop:
