@@ -49,6 +49,9 @@ class Budget:
         toy_points: points sampled from chapter 7's two-Gaussian example (1000 DDPM steps of
             an analytic model for each of four weights: not counted by `chapter_work`, and
             on a CPU as costly as the network work for 20,000 points).
+        solver_calls: the network calls (steps) at which chapter 8 scores each sampler.
+        solver_images: samples per sampler, number of calls and draw in chapter 8.
+        solver_draws: independent draws of each, for the spread of the score.
     """
 
     name: str
@@ -69,6 +72,9 @@ class Budget:
     guidance_weights: tuple[float, ...]
     guidance_per_class: int
     toy_points: int
+    solver_calls: tuple[int, ...]
+    solver_images: int
+    solver_draws: int
 
 
 BUDGETS = {
@@ -78,7 +84,7 @@ BUDGETS = {
         bpd_images=32, bpd_timesteps=50, fd_images=64, fd_steps=(10, 20), fd_ddpm=False,
         neighbour_pool=10_000,
         guidance_images=60, guidance_weights=(0.0, 0.5, 1.0, 3.0, 7.0), guidance_per_class=4,
-        toy_points=4_000),
+        toy_points=4_000, solver_calls=(5, 10), solver_images=32, solver_draws=2),
     # The published book: every chapter in at most about 3 minutes on a 2-core CPU, the
     # whole book in about 10 (checked by tests/test_budget_viz.py with `estimate_seconds`).
     "cpu": Budget(
@@ -87,7 +93,7 @@ BUDGETS = {
         bpd_images=128, bpd_timesteps=50, fd_images=256, fd_steps=(10, 20, 50), fd_ddpm=False,
         neighbour_pool=60_000,
         guidance_images=200, guidance_weights=(0.0, 0.5, 1.0, 3.0, 7.0), guidance_per_class=8,
-        toy_points=4_000),
+        toy_points=4_000, solver_calls=(5, 10, 20, 50), solver_images=128, solver_draws=2),
     # A Colab T4: every chapter in at most about 10 minutes by its FLOP count at T4_FLOPS
     # (`estimate_seconds(..., "t4")`; tests/test_book_budget.py keeps each under
     # GPU_CHAPTER_SECONDS). Chapter 4 trains the full `mnist` network for 6,000 steps (about
@@ -99,7 +105,7 @@ BUDGETS = {
         bpd_images=1_000, bpd_timesteps=1000, fd_images=2_000, fd_steps=(10, 20, 50, 100),
         fd_ddpm=True, neighbour_pool=60_000,
         guidance_images=2_000, guidance_weights=(0.0, 0.5, 1.0, 3.0, 7.0), guidance_per_class=8,
-        toy_points=20_000),
+        toy_points=20_000, solver_calls=(5, 10, 20, 50, 100), solver_images=1_000, solver_draws=5),
 }
 
 
@@ -191,6 +197,13 @@ def chapter_work(budget: Budget) -> dict[str, list[Work]]:
               for w in b.guidance_weights],  # the trade-off
             _sampling(b.sample_steps, b.guidance_images),  # the unconditional model
             _sampling(b.sample_steps, b.guidance_images, doubled=True),  # the recommended w
+        ],
+        "08_fewer_steps": [
+            # DDIM (eta 0 and 1) and DPM-Solver++(2M) in both forms, at each number of calls,
+            # in each draw; then DDIM against the first-order step on a few images.
+            *[_sampling(calls, b.solver_images) for calls in b.solver_calls
+              for _ in range(4 * b.solver_draws)],
+            _sampling(2 * 10, 8),
         ],
     }
 
