@@ -175,6 +175,8 @@ def chapter_work(budget: Budget) -> dict[str, list[Work]]:
             Work(trained, 21 + b.train_steps + resume_steps,  # 21 steps by hand first
                  (21 + b.train_steps + resume_steps) * b.batch_size, train=True),
             _sampling(b.sample_steps, b.num_samples * (grids + 1), network=trained),
+            # The shipped model as a v- and as an eps-model, with and without a small error.
+            *[_sampling(b.sample_steps, b.num_samples) for _ in range(3)],
         ],
         "05_sampling": [
             # Algorithm 2 by hand, the package's DDPM and DDPM with sigma^2 = beta-tilde: three
