@@ -21,8 +21,9 @@ SCHEDULES = ("linear", "cosine")
 def linear(timesteps: int) -> torch.Tensor:
     """The DDPM schedule: beta rises linearly from 1e-4 to 0.02 over T = 1000 steps.
 
-    For another T both ends are multiplied by 1000 / T, as Improved DDPM does
-    (Nichol & Dhariwal 2021, Sec. 3.2 footnote): fewer, larger steps destroy
+    For another T both ends are multiplied by 1000 / T, as the reference code of Improved
+    DDPM does (`get_named_beta_schedule` in openai/improved-diffusion, "extended to work
+    for any number of diffusion steps"): fewer, larger steps destroy
     the same amount of signal, so x_T is still (almost) pure noise. Without the
     rescaling, T = 200 leaves sqrt(alphas_cumprod[-1]) ~ 0.36 of the signal.
 
