@@ -17,7 +17,7 @@ draw by more than its floor), and --json PATH writes the rows and, per setting, 
 scored within twice their floor, as a record for the book's Results appendix:
 
     python benchmarks/samplers.py --n 1000 --seeds 0,1,2,3,4 \
-        --samplers ddim:20:1,dpm++2m:20,dpm++2m-sde:20,ddim:50:1 --json benchmarks/results/samplers_mnist.json
+        --samplers ddim:20:1,dpm++2m:20,dpm++2m-sde:20 --json benchmarks/results/samplers_mnist.json
 
 A setting is ddim:STEPS:ETA (Song et al. 2021, Eq. 12 and 16: ETA 0 deterministic, 1 fresh
 noise at every step, the posterior variance of each jump) or ddpm:VARIANCE (Algorithm 2 over
