@@ -271,3 +271,11 @@ def test_bibliography_lists_ddpm(book):
     ddpm = [e for e in entries if "Denoising diffusion probabilistic models" in e]
     assert ddpm, "the DDPM paper is not in the bibliography"
     assert all(name in ddpm[0] for name in ("Ho", "Jain", "Abbeel", "2020", "2006.11239"))
+
+
+def test_results_page_renders_its_tables(book):
+    """The Results appendix displays its records as Markdown tables: parsed as tables, not
+    shown as text (myst-nb's default CommonMark has no tables)."""
+    html = (book / "appendix" / "results.html").read_text()
+    assert html.count("<table") >= 4
+    assert "| --- |" not in html and "|---" not in html
