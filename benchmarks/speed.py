@@ -42,11 +42,11 @@ import contextlib
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
+from record import provenance
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -422,7 +422,7 @@ def main() -> None:
                   "device": name, "torch": torch.__version__,
                   "diffusers": diffusers.__version__ if twin is not None else None,
                   "flops_per_step": flops, "peak_flops": peak, "rows": [], "sampling": None,
-                  "complete": False, "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:])}
+                  "complete": False, **provenance()}
         print(f"{args.model}, batch {args.batch_size}, {precision}, on {name}, torch {torch.__version__}"
               + (f", diffusers {diffusers.__version__}" if twin is not None else ""))
         print(f"network forward + backward: {flops['naivediffusion'] / 1e9:.1f} GFLOPs per step"

@@ -72,6 +72,9 @@ class TrainConfig:
     p_uncond: float = 0.1
     precision: str = "auto"  # "auto", "fp32", "bf16" or "fp16"
     compile: str = "none"  # torch.compile the network in this mode (COMPILE_MODES); "none": not
+    # "none" on the CPU too: benchmarks/speed.py measured the CPU's default network (mnist-small,
+    # batch 64) compiled in mode "default" slower per step than eager, after most of a minute of
+    # compiling (benchmarks/results/speed_cpu_mnist-small.json).
     # A torchvision dataset at its native size is held on the training device as uint8 and
     # batched there (data.InMemoryImages); False reads it image by image through a DataLoader,
     # as a folder of images always is. Both give the same batches in the same order (the

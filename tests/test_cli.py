@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmark_module import load_benchmark
 from PIL import Image
 
 from naivediffusion import viz
@@ -385,19 +386,6 @@ def test_python_dash_m_entry_point(tmp_path):
 
 
 # ------------------------------------------------------------------ benchmarks/samplers.py
-
-
-def load_benchmark(name: str):
-    """A script of benchmarks/ as a module (the folder is not a package)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    if str(path.parent) not in sys.path:  # as when it runs as a script: its folder first
-        sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_sampler_benchmark_scores_the_images_that_sample_draws(run_dir, tmp_path, monkeypatch, capsys):

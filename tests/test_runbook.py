@@ -7,7 +7,6 @@ which takes minutes; see README.)
 """
 
 import gzip
-import importlib.util
 import json
 import os
 import re
@@ -16,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchmark_module import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 RUNBOOK = REPO / "benchmarks" / "gpu_runbook.sh"
@@ -181,9 +181,7 @@ def test_speed_keeps_the_rows_of_a_run_stopped_part_way(tmp_path, monkeypatch):
     """speed.py rewrites its JSON after each compile mode's rows (and the sampler, which it
     measures before the next mode compiles): a run stopped while the second mode compiles
     leaves the first mode's rows, marked incomplete, in a whole file."""
-    spec = importlib.util.spec_from_file_location("benchmark_speed", SPEED)
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
+    speed = load_benchmark("speed")
     out = tmp_path / "speed.json"
     timed = []
     real_time_rounds = speed.time_rounds

@@ -3,12 +3,12 @@ the command line draws them), the constants the command line and the benchmarks 
 `unet.eval_mode`."""
 
 import ast
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_module import load_benchmark
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from naivediffusion import Diffusion, UNet, sampling
@@ -152,9 +152,7 @@ def test_benchmarks_use_the_package_not_the_command_line_internals():
 
 
 def test_the_speed_benchmark_gives_torch_compile_back():
-    spec = importlib.util.spec_from_file_location("benchmark_speed", REPO / "benchmarks" / "speed.py")
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
+    speed = load_benchmark("speed")
     real = torch.compile
     with speed.compile_backend("inductor"):
         assert torch.compile is real
@@ -165,9 +163,7 @@ def test_the_speed_benchmark_gives_torch_compile_back():
 
 
 def test_the_speed_benchmark_imports_diffusers_only_when_asked(monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("benchmark_speed", REPO / "benchmarks" / "speed.py")
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
+    speed = load_benchmark("speed")
     asked = []
 
     class Finder:  # sees every import of diffusers that is not already loaded
