@@ -146,6 +146,9 @@ def _add_recipe_flags(g, defaults: TrainConfig) -> None:
     g.add_argument("--schedule", choices=SCHEDULES, help=f"noise schedule (default: {defaults.schedule})")
     g.add_argument("--objective", choices=OBJECTIVES,
                    help=f"what the network predicts (default: {defaults.objective})")
+    g.add_argument("--variance", choices=VARIANCES, help="the reverse variance: beta, posterior, or learned "
+                   "(Improved DDPM: the loss L_simple + --vlb-weight * L_vlb) (default: beta)")
+    g.add_argument("--vlb-weight", type=float, help=f"lambda of --variance learned (default: {defaults.vlb_weight:g})")
     g.add_argument("--batch-size", type=int, help=_per_dataset("images per step (under torchrun: over "
                                                                "all processes together)", "batch_size"))
     g.add_argument("--lr", type=float, help=_per_dataset("peak learning rate of AdamW", "lr"))
@@ -254,9 +257,9 @@ _ETA_HELP = (f"DDIM noise, from 0 (deterministic) to 1 (fresh noise at every ste
              f"variance of each jump; all T steps at eta 1 are DDPM with sigma^2 = beta-tilde) "
              f"(default: {DEFAULT_ETA:g}, measured best for the shipped models)")
 _VARIANCE_HELP = (
-    "the reverse steps' fixed variance sigma_t^2 for bits/dim and the ddpm sampler: beta (beta_t) or "
-    "posterior (beta-tilde_t of Eq. 7). Training's L_simple has no sigma, so the same network takes "
-    "either (Sec. 3.2: similar samples); posterior gives a tighter bound (default: the checkpoint's)")
+    "the reverse steps' variance sigma_t^2 for bits/dim and the ddpm sampler: beta (beta_t), "
+    "posterior (beta-tilde_t of Eq. 7), or the network's own, learned (a model trained with --variance "
+    "learned, which also takes either fixed one) (default: the checkpoint's)")
 
 
 def _add_drawing_flags(p, only: str = "") -> None:

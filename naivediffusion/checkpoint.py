@@ -240,7 +240,12 @@ def load_init_weights(source: str, model_config: dict, process: dict) -> tuple[d
     path = start["path"]
     theirs = start.get("model_config") or {}
     differ = [k for k in sorted(set(theirs) | set(model_config))
-              if k != "dropout" and theirs.get(k) != model_config.get(k)]
+              if k not in ("dropout", "out_channels") and theirs.get(k) != model_config.get(k)]
+    outputs = [config.get("out_channels") or config.get("in_channels") for config in (theirs, model_config)]
+    if not differ and outputs[0] != outputs[1] and outputs[1] != 2 * outputs[0]:
+        raise ValueError(f"--init-from {source}: its network outputs {outputs[0]} channels and this run's "
+                         f"{outputs[1]}; only a fixed variance's network can start a learned one "
+                         "(--variance learned), not the other way round")
     if differ:
         was = ", ".join(f"{k} {theirs.get(k)!r} there, {model_config.get(k)!r} here" for k in differ)
         trained = start.get("train_config") or {}
@@ -256,8 +261,23 @@ def load_init_weights(source: str, model_config: dict, process: dict) -> tuple[d
     if "ema" not in start:
         raise CheckpointError(f"--init-from {source}: {path} holds no EMA weights; give a run's "
                               "checkpoint.pt or ema.pt")
-    return unwrap_state_dict(start["ema"]), {"path": str(path), "step": start.get("step"),
-                                             "total_steps": total_steps(start)}
+    weights = unwrap_state_dict(start["ema"])
+    if outputs[1] != outputs[0]:
+        weights = widen_output(weights, outputs[1])
+    return weights, {"path": str(path), "step": start.get("step"), "total_steps": total_steps(start)}
+
+
+def widen_output(weights: dict[str, Tensor], out_channels: int) -> dict[str, Tensor]:
+    """A fixed variance's weights for a network with a learned variance's extra outputs: the
+    new channels of the last convolution ("conv_out") start at zero, so v = 0 and the variance
+    starts at the geometric mean of beta_t and beta-tilde_t (variance.learned_log_variance),
+    and the mean's outputs are exactly those of the network fine-tuned from."""
+    weights = dict(weights)
+    for name in ("conv_out.weight", "conv_out.bias"):
+        old = weights[name]
+        extra = old.new_zeros((out_channels - old.shape[0], *old.shape[1:]))
+        weights[name] = torch.cat([old, extra])
+    return weights
 
 
 # ------------------------------------------------------------ shipped models

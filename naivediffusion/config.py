@@ -56,7 +56,8 @@ class TrainConfig:
     timesteps: int = 1000
     schedule: str = "linear"
     objective: str = "eps"
-    variance: str = "beta"
+    variance: str = "beta"  # "learned": Improved DDPM's hybrid loss L_simple + vlb_weight * L_vlb
+    vlb_weight: float = 0.001  # lambda of the hybrid loss (Nichol & Dhariwal 2021, Sec. 3.1)
     loss_weighting: str = "none"  # "none" (L_simple, Eq. 14) or "min-snr" (Hang et al. 2023)
     min_snr_gamma: float = 5.0  # gamma of Min-SNR-gamma (the paper's default)
     max_minutes: float | None = None  # end after this much training time, as if `steps` were reached
@@ -127,6 +128,8 @@ class TrainConfig:
         if self.loss_weighting not in WEIGHTINGS:
             raise ValueError(f"unknown loss weighting {self.loss_weighting!r}; choose one of "
                              f"{', '.join(WEIGHTINGS)}")
+        if not self.vlb_weight >= 0:
+            raise ValueError(f"vlb_weight must be at least 0 (Improved DDPM uses 0.001); got {self.vlb_weight}")
         if not self.min_snr_gamma > 0:
             raise ValueError(f"min_snr_gamma must be positive (the paper uses 5); got {self.min_snr_gamma}")
         if self.init_from is not None and not (isinstance(self.init_from, str) and self.init_from):

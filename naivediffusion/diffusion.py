@@ -24,9 +24,12 @@ import torch
 from torch import Tensor
 
 from .schedule import SCHEDULES, get_schedule
+from .variance import learned_log_variance, split_output, vlb_terms
 
 OBJECTIVES = ("eps", "x0", "v")
-VARIANCES = ("beta", "posterior")
+VARIANCES = ("beta", "posterior", "learned")
+# The weight lambda of L_vlb in Improved DDPM's hybrid loss L_simple + lambda L_vlb (Sec. 3.1).
+VLB_WEIGHT = 0.001
 WEIGHTINGS = ("none", "min-snr")
 
 
@@ -52,7 +55,10 @@ class Diffusion:
             Salimans & Ho 2022).
         variance: the reverse-step variance sigma_t^2: "beta" (sigma^2 = beta_t)
             or "posterior" (sigma^2 = beta-tilde_t, Eq. 7). The paper reports
-            similar sample quality for both (Sec. 3.2).
+            similar sample quality for both (Sec. 3.2). "learned": the network outputs
+            twice the image's channels, the second half v, and sigma^2 interpolates
+            between the two (Improved DDPM; `variance.learned_log_variance`). A network
+            with such an extra output can also be read with a fixed variance.
     """
 
     def __init__(
@@ -87,29 +93,27 @@ class Diffusion:
         self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
 
         # Posterior q(x_{t-1} | x_t, x_0) = N(mean, posterior_variance) (Eq. 6-7).
-        self.posterior_variance = (
-            betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        )
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # posterior_variance[0] is 0 (x_0 is known exactly given x_0), so its log is
         # -inf; like the reference code, use the value of the next step instead.
-        self.posterior_log_variance_clipped = torch.log(
-            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
-        )
-        self.posterior_mean_coef1 = (
-            betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
-        )
-        self.posterior_mean_coef2 = (
-            (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
-        )
+        self.posterior_log_variance_clipped = torch.log(torch.cat([self.posterior_variance[1:2],
+                                                                    self.posterior_variance[1:]]))
+        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
 
         # Reverse-process variance sigma_t^2 (Sec. 3.2). The first entry matters only for
         # the likelihood's decoder L_0 (sampling adds no noise at t = 0); for both choices
         # it is the posterior variance of the next step, as in the reference code, so that
         # the decoder has a sensible width, and the variance always equals exp(log-variance).
+        # A learned one is the network's (`p_mean_variance`); the tables hold its value for v = 0,
+        # the geometric mean of beta_t and the clipped beta-tilde_t (`variance.learned_log_variance`).
+        self.log_betas = torch.log(betas)
         if variance == "beta":
             self.model_log_variance = torch.log(torch.cat([self.posterior_variance[1:2], betas[1:]]))
-        else:
+        elif variance == "posterior":
             self.model_log_variance = self.posterior_log_variance_clipped
+        else:
+            self.model_log_variance = 0.5 * (self.log_betas + self.posterior_log_variance_clipped)
         self.model_variance = torch.exp(self.model_log_variance)
 
         self._tables_by_device: dict[torch.device, dict[str, Tensor]] = {}
@@ -189,7 +193,9 @@ class Diffusion:
 
         For "eps" this is Eq. 15: x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t).
         For "v": x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v.
+        The output of a learned-variance network is read through its mean's part.
         """
+        output = split_output(x_t, output)[0]
         if self.objective == "eps":
             return (self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t
                     - self._coef("sqrt_recipm1_alphas_cumprod", t, x_t) * output)
@@ -210,6 +216,7 @@ class Diffusion:
         x_t = sqrt(abar) x0 + sqrt(1 - abar) eps and v = sqrt(abar) eps - sqrt(1 - abar) x0,
         eps = sqrt(abar) v + sqrt(1 - abar) x_t. Shapes [B, C, H, W]; t LongTensor [B].
         """
+        output = split_output(x_t, output)[0]
         if self.objective == "eps":
             return output
         if self.objective == "x0":
@@ -241,10 +248,8 @@ class Diffusion:
 
             eps~(x_t, c) = (1 + w) eps(x_t, c) - w eps(x_t, null).
 
-        w = 0 is plain conditional sampling; larger w trades diversity for fidelity. This
-        is the book's convention. Other codebases (e.g. diffusers' `guidance_scale`) write
-        the same as eps_u + s (eps_c - eps_u) with s = 1 + w, so their s = 1 is our w = 0,
-        and their s = 7.5 is our w = 6.5.
+        w = 0 is plain conditional sampling; larger w trades diversity for fidelity. Other
+        codebases (diffusers' `guidance_scale`) write eps_u + s (eps_c - eps_u): s = 1 + w.
 
         Why in eps: guidance is defined on scores. The optimal eps is a scaled score,
         eps(x_t) = -sqrt(1 - abar_t) grad log p_t(x_t), so Eq. 6 is the score of
@@ -253,10 +258,8 @@ class Diffusion:
         scaled by w. For the "x0" and "v" objectives each output is first turned into the
         eps it implies (`eps_from_output`), guided there, and turned back
         (`output_from_eps`), so that the sampler's step (clipping of x0, Eq. 7, DDIM) is the
-        same as without guidance. (Both maps are affine in the output with weights that
-        do not depend on the label, so this equals (1 + w) out_c - w out_u; the
-        conversions are done in float64, except on MPS, so they lose no precision where
-        abar_t is close to 0 or 1.)
+        same as without guidance (the maps are affine, so this is (1 + w) out_c - w out_u;
+        they run in float64, except on MPS). A learned variance is the conditional one.
 
         The conditional and unconditional predictions come from ONE forward pass on a
         doubled batch: x_t twice, labels followed by B copies of `null_label`. With w = 0
@@ -276,10 +279,8 @@ class Diffusion:
         if w == 0:
             return lambda x_t, t: model(x_t, t, labels)
         if null_label is None:
-            raise ValueError(
-                "guidance needs null_label, the label that means 'no class' "
-                "(num_classes for UNet(num_classes=...))"
-            )
+            raise ValueError("guidance needs null_label, the label that means 'no class' "
+                             "(num_classes for UNet(num_classes=...))")
         both = torch.cat([labels, torch.full_like(labels, null_label)])
 
         def guided(x_t: Tensor, t: Tensor) -> Tensor:
@@ -290,7 +291,11 @@ class Diffusion:
             eps_cond = self.eps_from_output(x, t, out_cond)
             eps_uncond = self.eps_from_output(x, t, out_uncond)
             eps = (1.0 + w) * eps_cond - w * eps_uncond  # Eq. 6
-            return self.output_from_eps(x, t, eps).to(x_t.dtype)
+            guided_out = self.output_from_eps(x, t, eps)
+            v = split_output(x, out_cond)[1]
+            if v is not None:  # a learned variance: the conditional one (as GLIDE)
+                guided_out = torch.cat([guided_out, v], dim=1)
+            return guided_out.to(x_t.dtype)
 
         return guided
 
@@ -306,20 +311,29 @@ class Diffusion:
         [-1, 1]; without clipping and for objective "eps" this equals Eq. 11,
         mu = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t).
 
+        With variance "learned" the variance is the network's (`learned_log_variance`),
+        per pixel.
+
         Returns:
-            dict with "mean" [B, C, H, W], "variance" and "log_variance" [B, 1, 1, 1],
-            "pred_x0" [B, C, H, W] (clipped if `clip`) and the raw model "output".
+            dict with "mean" [B, C, H, W], "variance" and "log_variance" ([B, 1, 1, 1]
+            for a fixed variance, [B, C, H, W] for a learned one), "pred_x0" [B, C, H, W]
+            (clipped if `clip`) and the raw model "output".
         """
         output = model(x_t, t) if labels is None else model(x_t, t, labels)
         output = output.to(x_t.dtype)  # autocast may have returned bf16/fp16
-        pred_x0 = self.predict_x0(x_t, t, output)
+        mean_output, v = split_output(x_t, output, self.variance)
+        pred_x0 = self.predict_x0(x_t, t, mean_output)
         if clip:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
         mean, _, _ = self.q_posterior(pred_x0, x_t, t)
+        if self.variance == "learned":
+            log_variance = learned_log_variance(self, v, t)
+        else:
+            log_variance = self._coef("model_log_variance", t, x_t)
         return {
             "mean": mean,
-            "variance": self._coef("model_variance", t, x_t),
-            "log_variance": self._coef("model_log_variance", t, x_t),
+            "variance": log_variance.exp(),
+            "log_variance": log_variance,
             "pred_x0": pred_x0,
             "output": output,
         }
@@ -360,19 +374,21 @@ class Diffusion:
         p_uncond: float = 0.0,
         null_label: int | None = None,
         generator: torch.Generator | None = None,
+        vlb_weight: float = VLB_WEIGHT,
     ) -> Tensor:
         """L_simple (Eq. 14, Algorithm 1): E_{t, x0, eps} || target - model(x_t, t) ||^2.
 
         t is drawn uniformly from all T values 0..T-1 (the paper's 1..T) and eps ~ N(0, I)
         unless given. The target is eps, x0 or v according to `objective`. With
-        `weighting="min-snr"` each image's error is multiplied by `loss_weight(t)`.
+        `weighting="min-snr"` each image's error is multiplied by `loss_weight(t)`. With
+        variance "learned", Improved DDPM's hybrid loss L_simple + lambda L_vlb (lambda =
+        `vlb_weight`), L_vlb = T L_t from the same draw, the mean detached (`variance.vlb_terms`).
 
         Classifier-free guidance training (Ho & Salimans 2022): with `labels` and
         `p_uncond` > 0, each sample's label is replaced by `null_label` independently with
         probability `p_uncond` (per sample, never the whole batch), so that one network
-        learns both eps(x_t, c) and the unconditional eps(x_t) = eps(x_t, null). The paper
-        uses p_uncond = 0.1 or 0.2; the default 0 drops nothing. Without `labels` the
-        model is called as model(x_t, t) and nothing is dropped.
+        learns both eps(x_t, c) and the unconditional eps(x_t) = eps(x_t, null) (the paper:
+        p_uncond 0.1 or 0.2). Without `labels` the model is called as model(x_t, t).
 
         Args:
             model: callable (x_t [B, C, H, W], t [B]) -> [B, C, H, W], or
@@ -380,21 +396,18 @@ class Diffusion:
             x0: clean images [B, C, H, W] in [-1, 1].
             labels: optional class labels, LongTensor [B]; never modified in place.
             p_uncond: the probability, in [0, 1], of dropping each sample's label.
-            null_label: the label that means "no class"; for `UNet(num_classes=K)` it is
-                K (`diffusion.py` knows nothing of networks, so the caller says which).
-                Required when `labels` are given and `p_uncond` > 0.
-            generator: a torch.Generator on x0's device for everything this function
-                draws (t, eps, then the drop mask), so training is reproducible; the global
-                generator if None. Nothing is drawn for the mask when `p_uncond` is 0.
+            null_label: the label that means "no class" (K for `UNet(num_classes=K)`), needed
+                when `labels` are given and `p_uncond` > 0.
+            generator: a torch.Generator on x0's device for all this draws (t, eps, then the
+                drop mask, none when `p_uncond` is 0); the global generator if None.
         Returns:
-            scalar tensor (float32), the (weighted) mean squared error over all pixels.
+            scalar tensor (float32): the (weighted) mean squared error over all pixels, plus
+            the L_vlb term for a learned variance.
         """
         check_p_uncond(p_uncond)
         if labels is not None and p_uncond > 0 and null_label is None:
-            raise ValueError(
-                "dropping labels (p_uncond > 0) needs null_label, the label that means 'no class' "
-                "(num_classes for UNet(num_classes=...))"
-            )
+            raise ValueError("dropping labels (p_uncond > 0) needs null_label, the label that means "
+                             "'no class' (num_classes for UNet(num_classes=...))")
         batch = x0.shape[0]
         if t is None:
             t = torch.randint(0, self.num_timesteps, (batch,), device=x0.device, generator=generator)
@@ -407,25 +420,25 @@ class Diffusion:
             labels = labels.masked_fill(drop, null_label)
         x_t = self.q_sample(x0, t, noise)
         output = model(x_t, t) if labels is None else model(x_t, t, labels)
+        output, v = split_output(x_t, output, self.variance)
         # The network may run in bf16/fp16 under autocast; the error is taken in float32.
         error = (self.target(x0, noise, t).float() - output.float()) ** 2
         if weighting == "none":
-            return error.mean()
-        per_image = error.reshape(batch, -1).mean(dim=1)
-        return (self.loss_weight(t, weighting, min_snr_gamma) * per_image).mean()
+            loss = error.mean()
+        else:
+            per_image = error.reshape(batch, -1).mean(dim=1)
+            loss = (self.loss_weight(t, weighting, min_snr_gamma) * per_image).mean()
+        if self.variance == "learned":
+            loss = loss + vlb_weight * self.num_timesteps * vlb_terms(self, x0, x_t, t, output, v).mean()
+        return loss
 
     # ------------------------------------------------------------------ sampling
 
     def sample(self, model, shape: tuple[int, ...], *args, **kwargs):
         """Draw images [B, C, H, W] in [-1, 1] from the reverse process, starting from x_T ~ N(0, I).
 
-        sampler "ddpm": Algorithm 2 over all T steps; "ddim": Song et al. 2021 over `steps`
-        timesteps (default `sampling.DDIM_STEPS`, 50) with noise level `eta` (0: deterministic).
-        The loops live in `naivediffusion.sampling`: this is
-        ``sampling.sample(self, model, shape, ...)`` with the same arguments (sampler, steps,
-        eta, generator, progress, return_chain, labels, device, clip, chain_every,
-        guidance_scale, null_label), whose docstring describes each. An nn.Module samples in
-        eval mode.
+        ``sampling.sample(self, model, shape, ...)``, whose docstring describes every argument
+        (sampler "ddpm", "ddim", "dpm++2m" or "dpm++2m-sde", steps, eta, generator, labels, ...).
         """
         from .sampling import sample  # sampling.py builds on this module
 

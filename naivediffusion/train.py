@@ -266,6 +266,7 @@ class Trainer:
             overrides["num_classes"] = num_classes
         if config.dropout is not None:
             overrides["dropout"] = config.dropout
+        overrides["out_channels"] = 2 * channels if config.variance == "learned" else None  # variance.py
         self.model = UNet.from_preset(config.model, **overrides)
         self.model.check_size(size, size)
         # What the weights started from: None for random ones, else {"path", "step",
@@ -401,7 +402,7 @@ class Trainer:
         t, noise = rank_slice(t, self.dist), rank_slice(noise, self.dist)
         # The labels are dropped already, so the loss drops none (its p_uncond is 0).
         loss = self.diffusion.loss(self.predict, x0, labels, t=t, noise=noise, weighting=cfg.loss_weighting,
-                                   min_snr_gamma=cfg.min_snr_gamma)
+                                   min_snr_gamma=cfg.min_snr_gamma, vlb_weight=cfg.vlb_weight)
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # under DDP: gradients averaged over the processes here

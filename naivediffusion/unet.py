@@ -246,7 +246,8 @@ class UNet(nn.Module):
     and one skip connection saved on the way down, and then doubles the size.
 
     Args:
-        in_channels: image channels (3 for RGB, 1 for MNIST); the output has as many.
+        in_channels: image channels (3 for RGB, 1 for MNIST); the output has as many, unless
+            `out_channels` says otherwise.
         base_channels: channels of the first level; level i has base_channels * channel_mults[i].
         channel_mults: one multiplier per level; len(channel_mults) levels, each half the size
             of the one before.
@@ -265,9 +266,12 @@ class UNet(nn.Module):
         min_group_channels: the fewest channels per GroupNorm group (`group_norm`); 1 keeps
             DDPM's 32 groups wherever they fit, which for layers of 32 channels or fewer means
             groups of one channel that erase the time embedding; the MNIST presets use 4.
+        out_channels: the output's channels; None: as many as the input's. A network for a
+            learned variance (Improved DDPM) outputs 2 * in_channels: the mean's prediction,
+            then the variance's (`variance.split_output`).
 
     forward(x, t, labels=None): x [B, in_channels, H, W], t LongTensor [B] (or one timestep
-    for the whole batch), labels LongTensor [B] or None -> [B, in_channels, H, W].
+    for the whole batch), labels LongTensor [B] or None -> [B, out_channels, H, W].
     """
 
     PRESETS: ClassVar[dict[str, dict]] = {
@@ -323,16 +327,17 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         image_size: int = 32,
         min_group_channels: int = 1,
+        out_channels: int | None = None,
     ):
         super().__init__()
         # Everything needed to rebuild this network: UNet(**model.config). Lists, not tuples,
-        # so the dict survives a round trip through JSON.
+        # so the dict survives a round trip through JSON. out_channels only when given, so that
+        # the configs of older checkpoints still match.
         self.config = dict(
             in_channels=in_channels, base_channels=base_channels, channel_mults=list(channel_mults),
             num_res_blocks=num_res_blocks, attention_resolutions=list(attention_resolutions),
             num_heads=num_heads, dropout=dropout, num_classes=num_classes, image_size=image_size,
-            min_group_channels=min_group_channels,
-        )
+            min_group_channels=min_group_channels, **({} if out_channels is None else {"out_channels": out_channels}))
         # Each level but the last halves the size, so H and W must survive that many halvings.
         num_levels = self.num_levels = len(channel_mults)
         self.size_multiple = 2 ** (num_levels - 1)
@@ -383,7 +388,7 @@ class UNet(nn.Module):
 
         self.norm_out = group_norm(ch, min_group_channels)
         # Zero-initialised: the untrained network predicts 0 everywhere, a calm start.
-        self.conv_out = zero_init(nn.Conv2d(ch, in_channels, 3, padding=1))
+        self.conv_out = zero_init(nn.Conv2d(ch, out_channels or in_channels, 3, padding=1))
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> UNet:

@@ -53,7 +53,7 @@ def test_the_decoders_variance_is_the_posterior_variance_of_paper_t_2(variance):
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"schedule": "quad"}, "linear, cosine"), ({"objective": "score"}, "eps, x0, v"),
-     ({"variance": "learned"}, "beta, posterior")],
+     ({"variance": "learnt"}, "beta, posterior, learned")],
 )
 def test_bad_constructor_arguments_name_the_choices(kwargs, match):
     with pytest.raises(ValueError, match=match):

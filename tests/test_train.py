@@ -655,3 +655,39 @@ def test_the_fused_adamw_takes_the_steps_of_the_plain_one(tmp_path):
     for (name, a), b, start in pairs:
         assert not torch.equal(a, start), name  # every tensor moved ...
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name  # ... and both alike
+
+
+def test_init_from_a_fixed_variance_into_a_learned_one(trained_run, tmp_path):
+    """Fine-tuning the shipped kind of model into Improved DDPM's: every weight is copied, the
+    new output channel starts at zero (f = 1/2), and the mean's outputs are unchanged."""
+    source = load_checkpoint(trained_run / "ema.pt")["ema"]
+    trainer = Trainer(tiny_config(tmp_path / "learned", steps=2, variance="learned",
+                                  init_from=str(trained_run / "ema.pt")))
+    weights = unwrap_state_dict(trainer.model.state_dict())
+    assert weights["conv_out.weight"].shape[0] == 2 and trainer.model.config["out_channels"] == 2
+    for name, value in source.items():
+        if name.startswith("conv_out."):
+            assert torch.equal(weights[name][:1], value)
+            assert torch.count_nonzero(weights[name][1:]) == 0
+        else:
+            assert torch.equal(weights[name], value), name
+    trainer.train(progress=False)
+    model, diffusion, info = load_model(tmp_path / "learned" / "ema.pt")
+    assert diffusion.variance == "learned" and model.config["out_channels"] == 2
+    assert info["init"]["path"] == str(trained_run / "ema.pt")
+    # The other way is refused in one line: a learned variance's network has outputs to spare.
+    with pytest.raises(ValueError, match="only a fixed variance's network can start a learned one"):
+        Trainer(tiny_config(tmp_path / "back", init_from=str(tmp_path / "learned")))
+
+
+def test_resume_of_a_learned_variance_run_gives_identical_weights(tmp_path):
+    straight = Trainer(tiny_config(tmp_path / "straight", steps=4, variance="learned"))
+    straight.train(progress=False)
+    first = Trainer(tiny_config(tmp_path / "split", steps=2, variance="learned"))
+    first.train(progress=False)
+    second = Trainer.resume(tmp_path / "split", steps=4)
+    assert second.diffusion.variance == "learned"
+    second.train(progress=False)
+    a, b = straight.state_dict(), second.state_dict()
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(a["optimizer"]["state"], b["optimizer"]["state"])
