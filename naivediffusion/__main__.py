@@ -272,7 +272,7 @@ def _add_drawing_flags(p, only: str = "") -> None:
                    "stochastic form (default: ddim)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"{only}steps (network calls) of ddim and dpm++2m (default: {DDIM_STEPS}, or T if "
-                   "smaller; ddpm always runs all T)")
+                   "smaller; ddpm: all T, or respaced to --steps)")
     p.add_argument("--eta", type=float, default=None, help=only + _ETA_HELP)
     p.add_argument("--variance", choices=VARIANCES, default=None, help=_VARIANCE_HELP)
     p.add_argument("--device", choices=DEVICES, default="auto", help=_DEVICE_HELP)
@@ -563,7 +563,7 @@ def _evaluate_bpd(args, ev: _Evaluation, generator) -> tuple[dict, str]:
 def _evaluate_fid(args, ev: _Evaluation, generator) -> tuple[dict, str]:
     """`evaluate --metric fid`: --n samples scored against the data, and the line to print."""
     classifier = load_classifier(ev.dataset, args.classifier, device=ev.device)
-    args.steps = _ddim_steps(args, ev.diffusion) if args.sampler in STEPPED_SAMPLERS else None  # ddpm: all T
+    args.steps = _ddim_steps(args, ev.diffusion)  # ddpm: all T unless --steps (respaced)
     # A class-conditional model draws the classes in turn, image i of class i mod K.
     labels = None if ev.model.num_classes is None else torch.arange(args.n) % ev.model.num_classes
     samples = _draw(ev.diffusion, ev.model, ev.info, args.n, args, generator, labels, ev.guidance)

@@ -4,8 +4,9 @@
 the conversions between eps, x0 and v, guidance as math on a callable); this module holds the
 loops that chain the steps together:
 
-- `sample`: Algorithm 2 of DDPM (Ho et al. 2020), DDIM (Song et al. 2021), or DPM-Solver++(2M)
-  (Lu et al. 2022) and its stochastic form; one step of each is `ddpm_step`, `ddim_step` and
+- `sample`: Algorithm 2 of DDPM (Ho et al. 2020), over all T steps or respaced to fewer
+  (Improved DDPM), DDIM (Song et al. 2021), or DPM-Solver++(2M) (Lu et al. 2022) and its
+  stochastic form; one step of each is `ddpm_step` (`respaced_ddpm_step`), `ddim_step` and
   `dpm_solver_step`, and `ddim_timesteps` says which timesteps the fewer-step samplers visit.
   `Diffusion.sample(model, shape, ...)`, the chapters' entry point, calls it.
 - `draw`: n images in batches, with optional labels and classifier-free guidance, exactly as
@@ -28,9 +29,10 @@ from tqdm.auto import tqdm
 
 from .diffusion import Diffusion, _check_choice
 from .unet import eval_mode
+from .variance import split_output
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
-# The samplers that visit `ddim_timesteps` (all but DDPM's full chain) and take `steps`.
+# The samplers that visit `ddim_timesteps` and take `steps` (DDPM too, respaced, when given steps).
 STEPPED_SAMPLERS = ("ddim", "dpm++2m", "dpm++2m-sde")
 
 # DDIM's number of steps when none is given: 20 times fewer network calls than DDPM's 1000.
@@ -96,12 +98,13 @@ def sample(
             put in eval mode for sampling and restored afterwards.
         shape: (B, C, H, W) of the images to draw.
         sampler: "ddpm" — Algorithm 2 over all T steps, T-1 down to 0, adding no
-            noise at the last step; "ddim" — Song et al. 2021, Eq. 12, over `steps`
+            noise at the last step, or with `steps` < T on the respaced schedule of Improved
+            DDPM (`respaced_ddpm_step`); "ddim" — Song et al. 2021, Eq. 12, over `steps`
             evenly spaced timesteps from T-1 down to 0; "dpm++2m" — DPM-Solver++(2M), the
             second-order multistep solver of the probability-flow ODE, on the same timesteps
             (`dpm_solver_step`); "dpm++2m-sde" — its stochastic (SDE) form.
         steps: number of steps, that is network calls, of the fewer-step samplers (1..T;
-            default DDIM_STEPS, 50). For "ddpm" only None or T.
+            default DDIM_STEPS, 50). For "ddpm" None means all T.
         eta: DDIM's noise level (Song et al. Eq. 16): 0 is deterministic, 1 is
             DDPM-like (sigma^2 = posterior variance). DPM-Solver++ takes only 0; DDPM ignores it.
         generator: a torch.Generator on `device`, for reproducible samples.
@@ -130,11 +133,6 @@ def sample(
     """
     _check_choice("sampler", sampler, SAMPLERS)
     T = diffusion.num_timesteps
-    if sampler == "ddpm" and steps not in (None, T):
-        raise ValueError(
-            f"the ddpm sampler runs all T={T} steps (got steps={steps}); "
-            "use sampler='ddim' to sample with fewer steps"
-        )
     if sampler in ("dpm++2m", "dpm++2m-sde") and eta != 0:
         raise ValueError(f"eta applies to the ddim sampler; {sampler} takes none (dpm++2m-sde is the "
                          "stochastic form of DPM-Solver++)")
@@ -148,7 +146,8 @@ def sample(
         step_model = _guided(diffusion, model, shape[0], labels, guidance_scale, null_label, device)
         step_labels = None
     # The timesteps as Python numbers: the loop never reads a number back from the device.
-    if sampler == "ddpm":
+    respaced = sampler == "ddpm" and steps not in (None, T)
+    if sampler == "ddpm" and not respaced:
         timesteps = list(range(T - 1, -1, -1))
     else:
         timesteps = ddim_timesteps(diffusion, DDIM_STEPS if steps is None else steps).tolist()
@@ -160,7 +159,10 @@ def sample(
         for i, step in enumerate(tqdm(timesteps, disable=not progress, desc=sampler)):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
             prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            if sampler == "ddpm":
+            if respaced:
+                x_next, pred_x0 = respaced_ddpm_step(diffusion, step_model, x, t, prev, clip, step_labels,
+                                                     generator)
+            elif sampler == "ddpm":
                 x_next, pred_x0 = ddpm_step(diffusion, step_model, x, t, clip, step_labels, generator,
                                             final=step == 0)
             elif sampler == "ddim":
@@ -208,6 +210,39 @@ def ddpm_step(diffusion: Diffusion, model, x, t, clip=True, labels=None, generat
         return out["mean"], out["pred_x0"]
     z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return out["mean"] + (0.5 * out["log_variance"]).exp() * z, out["pred_x0"]
+
+
+def respaced_ddpm_step(diffusion: Diffusion, model, x, t, prev: int, clip=True, labels=None,
+                       generator=None):
+    """One step of Algorithm 2 from t to prev on the respaced schedule (Improved DDPM Sec. 4);
+    prev = -1 means x_0.
+
+    The jump t -> prev is one step of a shorter diffusion with alpha = abar_t / abar_prev and
+    beta = 1 - alpha; its posterior (Eq. 6-7) gives the mean from the model's x0, and its
+    variance is beta, beta-tilde = beta (1 - abar_prev) / (1 - abar_t), or, for a learned
+    variance, the network's v interpolating between these two in log space. With beta-tilde
+    the step is DDIM's with eta = 1."""
+    output = model(x, t) if labels is None else model(x, t, labels)
+    mean_output, v = split_output(x, output.to(x.dtype), diffusion.variance)
+    pred_x0 = diffusion.predict_x0(x, t, mean_output)
+    if clip:
+        pred_x0 = pred_x0.clamp(-1.0, 1.0)
+    if prev < 0:
+        return pred_x0, pred_x0
+    work = torch.float32 if x.device.type == "mps" else torch.float64
+    abar = diffusion._coef("alphas_cumprod", t, x.to(work))
+    abar_prev = diffusion._coef("alphas_cumprod", torch.full_like(t, prev), abar)
+    beta = 1.0 - abar / abar_prev
+    log_beta, log_beta_tilde = beta.log(), (beta * (1.0 - abar_prev) / (1.0 - abar)).log()
+    mean = (abar_prev.sqrt() * beta / (1.0 - abar) * pred_x0.to(work)
+            + (1.0 - beta).sqrt() * (1.0 - abar_prev) / (1.0 - abar) * x.to(work))
+    if diffusion.variance == "learned":
+        frac = (v.to(work) + 1.0) / 2.0
+        log_variance = frac * log_beta + (1.0 - frac) * log_beta_tilde
+    else:
+        log_variance = log_beta if diffusion.variance == "beta" else log_beta_tilde
+    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return (mean + (0.5 * log_variance).exp() * z).to(x.dtype), pred_x0
 
 
 def ddim_step(diffusion: Diffusion, model, x, t, prev: int, eta=0.0, clip=True, labels=None,

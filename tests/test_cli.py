@@ -270,9 +270,13 @@ def test_a_checkpoint_of_another_model(run_dir, tmp_path, capsys):
     assert_one_line_error(capsys, code, "do not fit the model")
 
 
-def test_ddpm_sampler_with_steps(run_dir, capsys):
-    code = main(["sample", "--checkpoint", str(run_dir), "--sampler", "ddpm", "--steps", "10"])
-    assert_one_line_error(capsys, code, "ddim")
+def test_ddpm_sampler_with_steps_is_respaced(run_dir, tmp_path, capsys):
+    out = tmp_path / "g.png"
+    assert main(["sample", "--checkpoint", str(run_dir), "--n", "2", "--sampler", "ddpm", "--steps", "10",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert out.exists() and "ddpm 10 steps" in capsys.readouterr().out
+    code = main(["sample", "--checkpoint", str(run_dir), "--sampler", "ddpm", "--steps", "0"])
+    assert_one_line_error(capsys, code, "steps")
 
 
 def test_train_without_a_dataset(tmp_path, capsys):

@@ -141,3 +141,40 @@ def test_a_fitted_variance_gives_a_bound_below_both_fixed_ones():
     # beta is close to optimal for most t here, beta-tilde far from it at the first steps.
     assert (bounds["posterior"] - bounds["learned"]).mean() > 0.2
     assert (bounds["beta"] - bounds["learned"]).mean() > 0.02
+
+
+# ------------------------------------------------ DDPM on fewer, respaced steps
+
+
+class Affine(torch.nn.Module):
+    """A stand-in network: x0 prediction a x_t (objective "x0"), and a constant v."""
+
+    def __init__(self, v: float | None):
+        super().__init__()
+        self.v = v
+
+    def forward(self, x, t):
+        out = 0.5 * x
+        return out if self.v is None else torch.cat([out, torch.full_like(x, self.v)], 1)
+
+
+def draw(diffusion, model, sampler, steps, eta=0.0):
+    return diffusion.sample(model, (4, 1, 6, 6), sampler=sampler, steps=steps, eta=eta, progress=False,
+                            generator=torch.Generator().manual_seed(3))
+
+
+def test_respaced_ddpm_with_beta_tilde_is_ddim_with_eta_1_and_v_picks_between_the_variances():
+    posterior = Diffusion(1000, "linear", objective="x0", variance="posterior")
+    ddim = draw(posterior, Affine(None), "ddim", 10, eta=1.0)
+    assert torch.allclose(draw(posterior, Affine(None), "ddpm", 10), ddim, atol=1e-5)
+    learned = Diffusion(1000, "linear", objective="x0", variance="learned")
+    assert torch.allclose(draw(learned, Affine(-1.0), "ddpm", 10), ddim, atol=1e-5)  # f = 0
+    beta = draw(Diffusion(1000, "linear", objective="x0", variance="beta"), Affine(None), "ddpm", 10)
+    assert torch.allclose(draw(learned, Affine(1.0), "ddpm", 10), beta, atol=1e-5)  # f = 1
+    assert not torch.allclose(beta, ddim, atol=1e-3)
+    # All T steps: Algorithm 2 itself, whatever the variance.
+    full = Diffusion(20, "linear", objective="x0", variance="learned")
+    assert torch.allclose(draw(full, Affine(1.0), "ddpm", None),
+                          draw(Diffusion(20, "linear", objective="x0"), Affine(None), "ddpm", None), atol=1e-5)
+    with pytest.raises(ValueError, match="steps must be an integer from 1 to T=20"):
+        draw(full, Affine(1.0), "ddpm", 21)
