@@ -77,6 +77,14 @@ def provenance(source: str, info: dict) -> dict:
     return {"source": str(info["path"]), "step": info["step"], "total_steps": info["total_steps"]}
 
 
+def recommended_guidance(source: str) -> float:
+    """The guidance weight w that benchmarks/guidance.py measured best for a shipped model, else 0."""
+    if not source.startswith(PRETRAINED_PREFIX):
+        return 0.0
+    record = pretrained_record(source[len(PRETRAINED_PREFIX):])
+    return float((record.get("recommended_guidance") or {}).get("w", 0.0))
+
+
 def sampler_tables(model: nn.Module, diffusion, info: dict, source: str) -> dict:
     """The JSON beside the graph: everything the in-page sampler reads besides the network."""
     config = model.config
@@ -97,7 +105,7 @@ def sampler_tables(model: nn.Module, diffusion, info: dict, source: str) -> dict
         "null_class": num_classes,  # the label that means "no class" (None: unconditional)
         "inputs": ["x", "t", "labels"] if num_classes is not None else ["x", "t"],
         "defaults": {"sampler": "ddim", "steps": PAGE_STEPS, "eta": DEFAULT_ETA, "clip": True,
-                     "guidance": 0.0},
+                     "guidance": recommended_guidance(source) if num_classes is not None else 0.0},
         # float64, every one of the T values, as JSON numbers (repr round-trips exactly).
         "alphas_cumprod": diffusion.alphas_cumprod.tolist(),
         "diffusion_config": diffusion.config,
