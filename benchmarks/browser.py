@@ -23,7 +23,10 @@ import contextlib
 import functools
 import html
 import importlib.machinery
+import importlib.util
 import json
+import os
+import shutil
 import statistics
 import sys
 import threading
@@ -42,7 +45,9 @@ TARGETS_MS = {1: 1000, 16: 5000}
 def load_prepare_static():
     """.ci/prepare_static as a module (it is a script without the .py suffix)."""
     loader = importlib.machinery.SourceFileLoader("prepare_static", str(ROOT / ".ci" / "prepare_static"))
-    return loader.load_module()
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("prepare_static", loader))
+    loader.exec_module(module)
+    return module
 
 
 def embedding_cell(page: str) -> str:
@@ -108,17 +113,30 @@ def serve(site: Path):
         server.server_close()
 
 
+def find_browser() -> tuple[str, str]:
+    """(the browser, its driver): Debian's chromium and chromedriver (apt-get install chromium
+    chromium-driver), or Chrome and the driver that GitHub's runners carry ($CHROMEWEBDRIVER)."""
+    browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    driver = shutil.which("chromedriver") or shutil.which(
+        "chromedriver", path=os.environ.get("CHROMEWEBDRIVER", ""))
+    if not browser or not driver:
+        raise FileNotFoundError("no Chromium and chromedriver found; install them with: "
+                                "apt-get install chromium chromium-driver")
+    return browser, driver
+
+
 @contextlib.contextmanager
 def chromium():
-    """Headless Debian Chromium driven by selenium through chromium-driver."""
+    """Headless Chromium driven by selenium through chromedriver (`find_browser`)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    binary, driver_path = find_browser()
     options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
+    options.binary_location = binary
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
         yield driver
     finally:
@@ -173,7 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="write the record here "
                         "(e.g. benchmarks/results/browser_sampling.json)")
     parser.add_argument("--beside", default="", help="what else ran on the machine meanwhile, for the record")
+    parser.add_argument("--find-browser", action="store_true",
+                        help="only print the browser and driver found (.ci/run checks with it)")
     args = parser.parse_args(argv)
+    if args.find_browser:
+        print(" ".join(find_browser()))
+        return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from record import provenance, write_record
 

@@ -31,7 +31,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import PRETRAINED_PREFIX, load_model, pretrained_names, pretrained_record, write_atomic
+from .checkpoint import (
+    PRETRAINED_PREFIX,
+    load_model,
+    pretrained_names,
+    pretrained_record,
+    write_atomic,
+)
 from .sampling import DEFAULT_ETA
 
 FORMATS = ("onnx",)
