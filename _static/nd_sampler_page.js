@@ -114,8 +114,9 @@
     button.textContent = "Draw";
     controls.appendChild(button);
     const canvas = document.createElement("canvas");
-    canvas.style.cssText = "image-rendering: pixelated; height: 168px; display: block; margin: 0.5em 0; background: #000";
+    canvas.style.cssText = "image-rendering: pixelated; display: block; max-width: 100%; height: auto; margin: 0.5em 0; background: #000";
     const line = document.createElement("div");
+    line.style.marginBottom = "1em";
     el.replaceChildren(controls, canvas, line);
 
     async function draw() {
@@ -130,7 +131,7 @@
         const n = Math.max(1, parseInt(count.value, 10) || 1);
         canvas.width = n * W;
         canvas.height = H;
-        canvas.style.height = n > 6 ? `${Math.round(H * 900 / (n * W))}px` : "168px";
+        canvas.style.width = `${n * W * (n > 3 ? 3 : 6)}px`;  // 6x or 3x, never wider than the page
         el.dataset.status = "running";
         line.textContent = "Sampling...";
         const options = {
