@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
               "runtime": f"onnxruntime-web {package['dependencies']['onnxruntime-web']}, WebAssembly, 1 thread",
               "site": "the built book (_build/html)" if site == ROOT / "_build" / "html" else
                       "a small site of the book's files (benchmarks/browser.py assemble_site)",
+              "session_options": "executionProviders wasm, graphOptimizationLevel all, fp32 weights "
+                                 "(_static/nd_sampler_page.js)",
               "ran_beside": args.beside, "results": rows}
     if args.json:
         write_record(args.json, record)
