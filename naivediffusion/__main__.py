@@ -1,5 +1,5 @@
-"""The command line: ``python -m naivediffusion train | sample | evaluate | train-classifier``
-(or the ``naivediffusion`` script).
+"""The command line: ``python -m naivediffusion train | sample | evaluate | train-classifier |
+export`` (or the ``naivediffusion`` script; `export` lives in export.py).
 
     python -m naivediffusion train --dataset mnist                  # about 10 minutes on a T4
     python -m naivediffusion train --resume --run-dir runs/mnist    # continue after a crash
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from . import viz
+from . import export, viz
 from .budget import pick_device
 from .checkpoint import PRETRAINED_PREFIX, load_model, pretrained_names, write_text_atomic
 from .config import (
@@ -640,7 +640,8 @@ def run_train_classifier(args) -> int:
 # ------------------------------------------------------------------ main
 
 # One adder per subcommand; a new subcommand appends its own.
-SUBCOMMANDS = [add_train_parser, add_sample_parser, add_evaluate_parser, add_train_classifier_parser]
+SUBCOMMANDS = [add_train_parser, add_sample_parser, add_evaluate_parser, add_train_classifier_parser,
+               export.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
