@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from . import export, viz
+from . import export, sampling, viz
 from .budget import pick_device
 from .checkpoint import PRETRAINED_PREFIX, load_model, pretrained_names, write_text_atomic
 from .config import (
@@ -266,13 +266,13 @@ def _add_drawing_flags(p, only: str = "") -> None:
     """The flags `sample` and `evaluate` share: the checkpoint, the sampler and its noise, the
     device. `only` ("fid: ") prefixes the help of the flags that apply to one metric only."""
     p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+    p.add_argument("--sampler", choices=SAMPLERS, default=sampling.CLI_SAMPLER,
                    help=f"{only}ddpm: Algorithm 2 over all T steps; ddim: Song et al. 2021 over --steps; "
-                   "dpm++2m: DPM-Solver++(2M) (Lu et al. 2022) over --steps, dpm++2m-sde its "
-                   "stochastic form (default: ddim)")
+                   "dpm++2m: DPM-Solver++(2M) (Lu et al. 2022) over --steps, dpm++2m-sde its stochastic "
+                   f"form (default: {sampling.CLI_SAMPLER}, as good as ddim with {DDIM_STEPS} steps, measured)")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"{only}steps (network calls) of ddim and dpm++2m (default: {DDIM_STEPS}, or T if "
-                   "smaller; ddpm: all T, or respaced to --steps)")
+                   help=f"{only}steps (network calls) (default: {sampling.SOLVER_STEPS} for dpm++2m and dpm++2m-sde, "
+                   f"{DDIM_STEPS} for ddim, or T if smaller; ddpm: all T, or respaced to --steps)")
     p.add_argument("--eta", type=float, default=None, help=only + _ETA_HELP)
     p.add_argument("--variance", choices=VARIANCES, default=None, help=_VARIANCE_HELP)
     p.add_argument("--device", choices=DEVICES, default="auto", help=_DEVICE_HELP)
@@ -297,7 +297,8 @@ def resolve_eta(args) -> float:
     if args.sampler != "ddim":
         if args.eta is not None:
             noise = ("the ddpm sampler's noise is set by --variance" if args.sampler == "ddpm" else
-                     f"{args.sampler} takes none (dpm++2m-sde is its stochastic form)")
+                     f"{args.sampler} takes none" + (" (dpm++2m-sde is its stochastic form)"
+                                                      if args.sampler == "dpm++2m" else ""))
             raise ValueError(f"--eta applies to --sampler ddim; {noise}")
         return 0.0
     eta = DEFAULT_ETA if args.eta is None else args.eta
@@ -307,9 +308,9 @@ def resolve_eta(args) -> float:
 
 
 def _ddim_steps(args, diffusion) -> int | None:
-    """--steps, or for the fewer-step samplers without it DDIM_STEPS (T if that is smaller)."""
+    """--steps, or for the fewer-step samplers without it SOLVER_STEPS or DDIM_STEPS (or T)."""
     if args.sampler in STEPPED_SAMPLERS and args.steps is None:
-        return min(DDIM_STEPS, diffusion.num_timesteps)
+        return min(DDIM_STEPS if args.sampler == "ddim" else sampling.SOLVER_STEPS, diffusion.num_timesteps)
     return args.steps
 
 

@@ -138,9 +138,10 @@ def test_sample_ddpm_with_the_posterior_variance(run_dir, tmp_path):
 
 
 def test_sample_draws_with_the_default_eta_unless_told(run_dir, tmp_path, monkeypatch, capsys):
-    """DDIM's noise level: DEFAULT_ETA when --eta is not given, else --eta; ddpm passes 0."""
+    """The default sampler is CLI_SAMPLER with SOLVER_STEPS steps (no eta); DDIM's noise level is
+    DEFAULT_ETA when --eta is not given, else --eta; ddpm passes 0."""
     from naivediffusion import sampling
-    from naivediffusion.sampling import DEFAULT_ETA
+    from naivediffusion.sampling import CLI_SAMPLER, DEFAULT_ETA, SOLVER_STEPS
 
     asked = []
     real = sampling.sample
@@ -151,11 +152,13 @@ def test_sample_draws_with_the_default_eta_unless_told(run_dir, tmp_path, monkey
 
     monkeypatch.setattr(sampling, "sample", spy)
     common = ["--checkpoint", str(run_dir), "--n", "2", "--out", str(tmp_path / "g.png"), "--no-progress"]
-    assert main(["sample", *common, "--steps", "3"]) == 0
+    assert main(["sample", *common]) == 0
+    assert f"{CLI_SAMPLER} {SOLVER_STEPS} steps" in capsys.readouterr().out
+    assert main(["sample", *common, "--sampler", "ddim", "--steps", "3"]) == 0
     assert f"ddim 3 steps, eta {DEFAULT_ETA:g}" in capsys.readouterr().out
-    assert main(["sample", *common, "--steps", "3", "--eta", "0"]) == 0
+    assert main(["sample", *common, "--sampler", "ddim", "--steps", "3", "--eta", "0"]) == 0
     assert main(["sample", *common, "--sampler", "ddpm"]) == 0
-    assert asked == [("ddim", DEFAULT_ETA), ("ddim", 0.0), ("ddpm", 0.0)]
+    assert asked == [(CLI_SAMPLER, 0.0), ("ddim", DEFAULT_ETA), ("ddim", 0.0), ("ddpm", 0.0)]
 
 
 def test_the_default_eta_changes_the_samples_of_a_seed(run_dir, tmp_path):
@@ -163,7 +166,7 @@ def test_the_default_eta_changes_the_samples_of_a_seed(run_dir, tmp_path):
     images = {}
     for eta in ("0", None):
         saved = tmp_path / f"{eta}.pt"
-        assert main(["sample", "--checkpoint", str(run_dir), "--n", "2", "--steps", "4",
+        assert main(["sample", "--checkpoint", str(run_dir), "--n", "2", "--sampler", "ddim", "--steps", "4",
                      "--out", str(tmp_path / "g.png"), "--save-samples", str(saved), "--no-progress",
                      *(["--eta", eta] if eta else [])]) == 0
         images[eta] = torch.load(saved, weights_only=True)
@@ -171,8 +174,9 @@ def test_the_default_eta_changes_the_samples_of_a_seed(run_dir, tmp_path):
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--eta", "1.5"], ["--eta must be from 0", "got 1.5"]),
-    (["--eta", "-0.1"], ["--eta must be from 0", "got -0.1"]),
+    (["--sampler", "ddim", "--eta", "1.5"], ["--eta must be from 0", "got 1.5"]),
+    (["--sampler", "ddim", "--eta", "-0.1"], ["--eta must be from 0", "got -0.1"]),
+    (["--eta", "0.5"], ["--eta applies to --sampler ddim", "dpm++2m-sde takes none"]),
     (["--sampler", "ddpm", "--eta", "1"], ["--eta applies to --sampler ddim", "--variance"]),
 ])
 def test_bad_eta(run_dir, tmp_path, capsys, flags, words):
@@ -411,8 +415,9 @@ def test_the_sampler_benchmark_scores_the_images_that_sample_draws(run_dir, tmp_
     # The same seed and batch size: the very images `sample` draws with those settings.
     for images, flags in zip(scored[:2], (["--eta", "1"], ["--eta", "0"]), strict=True):
         saved = tmp_path / "s.pt"
-        assert main(["sample", "--checkpoint", str(run_dir), "--n", "5", "--steps", "3", "--batch-size", "2",
-                     "--out", str(tmp_path / "g.png"), "--save-samples", str(saved), "--no-progress", *flags]) == 0
+        assert main(["sample", "--checkpoint", str(run_dir), "--n", "5", "--sampler", "ddim", "--steps", "3",
+                     "--batch-size", "2", "--out", str(tmp_path / "g.png"), "--save-samples", str(saved),
+                     "--no-progress", *flags]) == 0
         assert torch.equal(torch.load(saved, weights_only=True), viz.to_uint8(images))
     assert not torch.equal(scored[0], scored[1])
 
@@ -454,7 +459,7 @@ def test_the_targets_benchmark_reports_what_evaluate_measures(run_dir, tmp_path,
     result = json.loads(report.read_text())["results"][0]
     # The second draw is exactly `evaluate --metric fid --seed 1`, run on its own.
     assert main(["evaluate", "--checkpoint", str(run_dir), "--metric", "fid", "--n", "6", "--seed", "1",
-                 "--batch-size", "4", "--out", str(tmp_path / "m.json"), "--no-progress"]) == 0
+                 "--sampler", "ddim", "--batch-size", "4", "--out", str(tmp_path / "m.json"), "--no-progress"]) == 0
     alone = json.loads((tmp_path / "m.json").read_text())
     assert result["draws"][1]["fd"] == alone["fd"] and result["draws"][1]["smudges"] == alone["smudges"]
     assert set(result["bpd"]) == {"beta", "posterior"}
@@ -472,3 +477,19 @@ def test_the_targets_verdict():
     result["bpd"]["posterior"]["bpd"] = 1.61
     verdict = list(targets.verdict(result, 1000).values())
     assert verdict == [("2.5%", False), ("in 2 of 2 draws", True), ("1.610", False)]
+
+
+def test_the_targets_verdict_of_a_learned_variance_pairs_its_draws_by_seed():
+    targets = load_benchmark("targets")
+    draw = lambda seed, fd: {"seed": seed, "fd": fd, "fd_real": 2.0, "smudges": 0.0}
+    baseline = {"checkpoint": "pretrained:mnist", "draws": [draw(0, 3.0), draw(1, 4.0), draw(2, 5.0)]}
+    result = {"draws": [draw(2, 5.5), draw(0, 3.4), draw(1, 4.3)], "bpd": {"learned": {"bpd": 1.44}}}
+    paired = targets.paired_scores(result["draws"], baseline)
+    assert paired["differences"] == pytest.approx([0.5, 0.4, 0.3]) and paired["mean_difference"] == pytest.approx(0.4)
+    bound, scores = targets.verdict(result, 1000, baseline=baseline).values()
+    assert bound == ("1.440", True)
+    assert scores[1] is False  # 0.4 worse, with a standard error of 0.06: worse
+    result["draws"] = [draw(0, 3.4), draw(1, 3.5), draw(2, 5.2)]  # +0.4, -0.5, +0.2: not worse
+    assert list(targets.verdict(result, 1000, baseline=baseline).values())[1][1] is True
+    with pytest.raises(SystemExit, match="share a seed"):
+        targets.paired_scores([draw(7, 1.0)], baseline)
