@@ -49,6 +49,18 @@ def rows() -> list[tuple[str, str]]:
     result = conditional["guidance_measurement"]["results"][f"{w:g}"]
     out.append((f"`pretrained:mnist_conditional` at guidance w = {w:g}: the digit asked for",
                 f"{result['accuracy']:.1%} of 1,000"))
+    learned = record("targets_mnist_learned.json")
+    if learned is not None:
+        result = learned["results"][0]
+        out.append(("`pretrained:mnist_learned` (chapter 9, a learned reverse variance): bits/dim under it; "
+                    "under beta-tilde_t",
+                    "; ".join(f"{result['bpd'][v]['bpd']:.3f} ± {result['bpd'][v]['bpd_standard_error']:.3f}"
+                              for v in ("learned", "posterior"))))
+    browser = record("browser_sampling.json")
+    if browser is not None:
+        times = {(r["model"], r["n"]): r["median_ms"] for r in browser["results"]}
+        out.append(("DDIM-20 in the reader's browser (headless Chromium, WebAssembly, 1 thread): 1 digit; 16 digits",
+                    f"{times['mnist', 1] / 1000:.2f} s; {times['mnist', 16] / 1000:.1f} s"))
     build = record("book_build.json")
     out.append(("the published book (budget `cpu`) built and executed on 2 CPU cores",
                 f"{build['total_seconds'] / 60:.0f} minutes"))

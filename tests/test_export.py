@@ -93,3 +93,12 @@ def test_the_export_subcommand_refuses_bad_input_in_one_line(tmp_path, capsys, a
     assert cli.main(["export", *argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_browser_benchmark_measures_what_fp16_weights_would_change(tmp_path):
+    from benchmark_module import load_benchmark
+
+    browser = load_benchmark("browser")
+    export_onnx("pretrained:mnist", tmp_path / "_static" / "nd")
+    error = browser.fp16_error(tmp_path)
+    assert 0 < error < 0.1  # a real, small difference: fp16 keeps about three decimal digits
