@@ -52,6 +52,8 @@ class Budget:
         solver_calls: the network calls (steps) at which chapter 8 scores each sampler.
         solver_images: samples per sampler, number of calls and draw in chapter 8.
         solver_draws: independent draws of each, for the spread of the score.
+        variance_images: samples per variance and number of steps in chapter 9's respaced DDPM.
+        variance_steps: the numbers of respaced DDPM steps chapter 9 compares.
     """
 
     name: str
@@ -75,6 +77,8 @@ class Budget:
     solver_calls: tuple[int, ...]
     solver_images: int
     solver_draws: int
+    variance_images: int
+    variance_steps: tuple[int, ...]
 
 
 BUDGETS = {
@@ -84,7 +88,8 @@ BUDGETS = {
         bpd_images=32, bpd_timesteps=50, fd_images=64, fd_steps=(10, 20), fd_ddpm=False,
         neighbour_pool=10_000,
         guidance_images=60, guidance_weights=(0.0, 0.5, 1.0, 3.0, 7.0), guidance_per_class=4,
-        toy_points=4_000, solver_calls=(5, 10), solver_images=32, solver_draws=2),
+        toy_points=4_000, solver_calls=(5, 10), solver_images=32, solver_draws=2,
+        variance_images=32, variance_steps=(10,)),
     # The published book: every chapter in at most about 3 minutes on a 2-core CPU, the
     # whole book in about 10 (checked by tests/test_budget_viz.py with `estimate_seconds`).
     "cpu": Budget(
@@ -93,7 +98,8 @@ BUDGETS = {
         bpd_images=128, bpd_timesteps=50, fd_images=256, fd_steps=(10, 20, 50), fd_ddpm=False,
         neighbour_pool=60_000,
         guidance_images=200, guidance_weights=(0.0, 0.5, 1.0, 3.0, 7.0), guidance_per_class=8,
-        toy_points=4_000, solver_calls=(5, 10, 20, 50), solver_images=128, solver_draws=2),
+        toy_points=4_000, solver_calls=(5, 10, 20, 50), solver_images=128, solver_draws=2,
+        variance_images=128, variance_steps=(10, 25)),
     # A Colab T4: every chapter in at most about 10 minutes by its FLOP count at T4_FLOPS
     # (`estimate_seconds(..., "t4")`; tests/test_book_budget.py keeps each under
     # GPU_CHAPTER_SECONDS). Chapter 4 trains the full `mnist` network for 6,000 steps (about
@@ -105,7 +111,8 @@ BUDGETS = {
         bpd_images=1_000, bpd_timesteps=1000, fd_images=2_000, fd_steps=(10, 20, 50, 100),
         fd_ddpm=True, neighbour_pool=60_000,
         guidance_images=2_000, guidance_weights=(0.0, 0.5, 1.0, 3.0, 7.0), guidance_per_class=8,
-        toy_points=20_000, solver_calls=(5, 10, 20, 50, 100), solver_images=1_000, solver_draws=5),
+        toy_points=20_000, solver_calls=(5, 10, 20, 50, 100), solver_images=1_000, solver_draws=5,
+        variance_images=1_000, variance_steps=(10, 25, 50, 100)),
 }
 
 
@@ -206,6 +213,14 @@ def chapter_work(budget: Budget) -> dict[str, list[Work]]:
             *[_sampling(calls, b.solver_images) for calls in b.solver_calls
               for _ in range(4 * b.solver_draws)],
             _sampling(2 * 10, 8),
+        ],
+        "09_learned_variances": [
+            # The bound four times: the learned model under its own variance, beta and
+            # beta-tilde, and the shipped fixed-variance model under beta-tilde.
+            Work("mnist-small", 4 * b.bpd_timesteps * -(-b.bpd_images // 256), 4 * b.bpd_timesteps * b.bpd_images),
+            Work("mnist-small", 12, 12 * 64, train=True),  # the gradient of L_t at 12 t, 64 images each
+            # Respaced DDPM with beta, beta-tilde and the learned variance.
+            *[_sampling(steps, b.variance_images) for steps in b.variance_steps for _ in range(3)],
         ],
     }
 
