@@ -25,8 +25,8 @@ def split_output(x_t: Tensor, output: Tensor, variance: str | None = None) -> tu
     objective's, the last C are v. Any other network's output is all mean: (output, None),
     which `variance` "learned" refuses with one line.
     """
-    channels = x_t.shape[1]
-    if output.shape[1] == 2 * channels:
+    channels = x_t.shape[1] if x_t.dim() > 1 else None  # data of one dimension [B] has no channels
+    if channels is not None and output.dim() == x_t.dim() and output.shape[1] == 2 * channels:
         return output[:, :channels], output[:, channels:]
     if variance == "learned":
         raise ValueError(f"variance 'learned' needs a network with twice the image's {channels} output "

@@ -178,3 +178,12 @@ def test_respaced_ddpm_with_beta_tilde_is_ddim_with_eta_1_and_v_picks_between_th
                           draw(Diffusion(20, "linear", objective="x0"), Affine(None), "ddpm", None), atol=1e-5)
     with pytest.raises(ValueError, match="steps must be an integer from 1 to T=20"):
         draw(full, Affine(1.0), "ddpm", 21)
+
+
+def test_data_without_channels_is_all_mean():
+    """Points of one dimension [B] (the chapters' toy data) have no channel axis to split."""
+    d = Diffusion(100, "linear")
+    x, t = torch.randn(5, dtype=torch.float64), torch.full((5,), 10)
+    eps = torch.randn(5, dtype=torch.float64)
+    assert variance.split_output(x, eps) == (eps, None)
+    assert torch.allclose(d.predict_eps(x, t, d.predict_x0(x, t, eps)), eps, atol=1e-9)
