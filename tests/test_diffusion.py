@@ -368,7 +368,7 @@ def test_ddim_timesteps_are_the_rounded_linspace(timesteps):
 
 
 @pytest.mark.parametrize("kwargs", [{"sampler": "ddim", "steps": 0}, {"sampler": "ddim", "steps": 11},
-                                    {"sampler": "ddpm", "steps": 5}, {"sampler": "euler"}])
+                                    {"sampler": "ddpm", "steps": 11}, {"sampler": "euler"}])
 def test_bad_sampler_arguments(kwargs):
     d = Diffusion(timesteps=10)
     with pytest.raises(ValueError, match="steps|sampler"):
