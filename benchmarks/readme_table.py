@@ -23,6 +23,12 @@ def record(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def bounds(result: dict, variances: tuple[str, ...]) -> str:
+    """"b1 ± se1; b2 ± se2": the bits/dim of a targets record's result under each variance."""
+    return "; ".join(f"{result['bpd'][v]['bpd']:.3f} ± {result['bpd'][v]['bpd_standard_error']:.3f}"
+                     for v in variances)
+
+
 def rows() -> list[tuple[str, str]]:
     """(what, number) for each row, from the records that exist."""
     shipped = nd.pretrained_record("mnist")
@@ -34,11 +40,9 @@ def rows() -> list[tuple[str, str]]:
                 f"{row['fd']:.2f} ({row['fd_real']:.2f}); {row['smudges']:.1%}"))
     targets = record("targets_mnist.json")
     if targets is not None:
-        bpd = targets["results"][0]["bpd"]
         out.append(("its bits/dim on the MNIST test set, with its own reverse variance beta_t; "
                     "with beta-tilde_t (a second model on the same network)",
-                    "; ".join(f"{bpd[v]['bpd']:.3f} ± {bpd[v]['bpd_standard_error']:.3f}"
-                              for v in ("beta", "posterior"))))
+                    bounds(targets["results"][0], ("beta", "posterior"))))
     samplers = record("samplers_mnist.json")
     if samplers is not None:
         name, numbers = min(samplers["summary"].items(), key=lambda kv: statistics.median(kv[1]["fd_over_floor"]))
@@ -51,11 +55,8 @@ def rows() -> list[tuple[str, str]]:
                 f"{result['accuracy']:.1%} of 1,000"))
     learned = record("targets_mnist_learned.json")
     if learned is not None:
-        result = learned["results"][0]
         out.append(("`pretrained:mnist_learned` (chapter 9, a learned reverse variance): bits/dim under it; "
-                    "under beta-tilde_t",
-                    "; ".join(f"{result['bpd'][v]['bpd']:.3f} ± {result['bpd'][v]['bpd_standard_error']:.3f}"
-                              for v in ("learned", "posterior"))))
+                    "under beta-tilde_t", bounds(learned["results"][0], ("learned", "posterior"))))
     browser = record("browser_sampling.json")
     if browser is not None:
         times = {(r["model"], r["n"]): r["median_ms"] for r in browser["results"]}
