@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .diffusion import Diffusion, _check_choice
 from .unet import eval_mode
-from .variance import split_output
+from .variance import interpolate, split_output
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
 # The samplers that visit `ddim_timesteps` and take `steps` (DDPM too, respaced, when given steps).
@@ -245,8 +245,7 @@ def respaced_ddpm_step(diffusion: Diffusion, model, x, t, prev: int, clip=True, 
     mean = (abar_prev.sqrt() * beta / (1.0 - abar) * pred_x0.to(work)
             + (1.0 - beta).sqrt() * (1.0 - abar_prev) / (1.0 - abar) * x.to(work))
     if diffusion.variance == "learned":
-        frac = (v.to(work) + 1.0) / 2.0
-        log_variance = frac * log_beta + (1.0 - frac) * log_beta_tilde
+        log_variance = interpolate(v.to(work), log_beta, log_beta_tilde)
     else:
         log_variance = log_beta if diffusion.variance == "beta" else log_beta_tilde
     z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -40,9 +40,14 @@ def learned_log_variance(diffusion, v: Tensor, t: Tensor) -> Tensor:
     `Diffusion.posterior_log_variance_clipped`), f = 1 gives beta_t, exactly. v is not bounded:
     f outside [0, 1] extrapolates. v [B, C, H, W] (computed in float32 at least), t [B]."""
     v = v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
+    return interpolate(v, diffusion._coef("log_betas", t, v), diffusion._coef("posterior_log_variance_clipped", t, v))
+
+
+def interpolate(v: Tensor, log_beta: Tensor, log_beta_tilde: Tensor) -> Tensor:
+    """f log_beta + (1 - f) log_beta_tilde with f = (v + 1) / 2: Eq. 15 on any pair of tables
+    (those of T steps, or of a respaced schedule's shorter steps)."""
     frac = (v + 1.0) / 2.0
-    return (frac * diffusion._coef("log_betas", t, v)
-            + (1.0 - frac) * diffusion._coef("posterior_log_variance_clipped", t, v))
+    return frac * log_beta + (1.0 - frac) * log_beta_tilde
 
 
 def vlb_terms(diffusion, x0: Tensor, x_t: Tensor, t: Tensor, output: Tensor, v: Tensor) -> Tensor:
